@@ -1,0 +1,41 @@
+"""Finding the BatchNorm layers of a model, whatever wraps it."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import UninitializedBuffer
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / FSDP-style ``.module`` wrappers and ``torch.compile``.
+
+    Accelerate's mixed-precision forward is patched onto the inner module itself, so it survives.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def batchnorm_layers(model: nn.Module) -> Iterator[tuple[str, _BatchNorm]]:
+    """(dotted name, layer) for every BatchNorm layer (any ``_BatchNorm``) of the unwrapped model."""
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, _BatchNorm):
+            yield name, module
+
+
+def is_uninitialized(layer: _BatchNorm) -> bool:
+    """True for a lazy layer that has not seen its first input yet."""
+    return isinstance(layer.running_mean, UninitializedBuffer) or isinstance(
+        layer.weight, nn.parameter.UninitializedParameter
+    )
+
+
+def tracks_statistics(layer: _BatchNorm) -> bool:
+    return layer.track_running_stats and layer.running_mean is not None

@@ -1,0 +1,79 @@
+"""What a recalibration did, layer by layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One BatchNorm layer's outcome.
+
+    ``mean_shift_*``: |new mean - old mean| in units of the new standard deviation, over channels.
+    ``var_log_ratio_*``: |log(new variance / old variance)| over channels. Both are 0 for a skipped layer.
+    """
+
+    name: str
+    samples: int = 0
+    batches: int = 0
+    nonfinite_batches: int = 0
+    mean_shift_max: float = 0.0
+    mean_shift_mean: float = 0.0
+    var_log_ratio_max: float = 0.0
+    var_log_ratio_mean: float = 0.0
+    skipped: str | None = None
+
+    @property
+    def recalibrated(self) -> bool:
+        return self.skipped is None
+
+
+@dataclass(frozen=True)
+class RecalibrationReport:
+    """Per-layer outcomes plus totals; ``batches`` and ``samples`` count every process's data."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    batches: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def recalibrated(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.recalibrated]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if not layer.recalibrated]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "samples", "shift max", "shift mean", "|log var| max", "|log var| mean", "note")
+        rows = [
+            (
+                layer.name or "<model>",
+                str(layer.samples),
+                f"{layer.mean_shift_max:.4f}",
+                f"{layer.mean_shift_mean:.4f}",
+                f"{layer.var_log_ratio_max:.4f}",
+                f"{layer.var_log_ratio_mean:.4f}",
+                layer.skipped or (f"{layer.nonfinite_batches} non-finite batches left out"
+                                  if layer.nonfinite_batches else ""),
+            )
+            for layer in self.layers
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [
+            f"Recalibrated {len(self.recalibrated)} of {len(self.layers)} BatchNorm layers "
+            f"from {self.batches} batches ({self.samples} samples) in {self.seconds:.2f} s"
+        ]
+        for row in [header, *rows]:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        return "\n".join(lines)

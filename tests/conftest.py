@@ -1,0 +1,14 @@
+import os
+
+import pytest
+import torch
+
+# W&B must never try to reach a server from the tests, nor read a user's settings.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,121 @@
+"""Float64 references and small models shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def reference_statistics(model: nn.Module, batches, seed: int | None = None) -> dict[str, tuple]:
+    """Pooled float64 mean and unbiased variance of every BN layer's input, captured by forward pre-hooks
+    on a copy of the model run the way recalibration runs it (BN layers in train mode, others as they are)."""
+    model = copy.deepcopy(model)
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, _BatchNorm):
+            layer.train()
+
+            def capture(module, args, name=name):
+                x = args[0].detach().double()
+                seen.setdefault(name, []).append(x.movedim(1, 0).reshape(x.shape[1], -1))
+
+            layer.register_forward_pre_hook(capture)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    out = {}
+    for name, parts in seen.items():
+        values = torch.cat(parts, dim=1)
+        out[name] = (values.mean(dim=1), values.var(dim=1, unbiased=True))
+    return out
+
+
+def assert_matches_reference(model: nn.Module, reference: dict, var_rtol: float = 1e-6, mean_tol: float = 1e-6):
+    """Variance within var_rtol relative; mean within mean_tol standard deviations plus the rounding of the
+    float32 buffer itself (which cannot hold a mean of 100 std to better than ~4e-6 std)."""
+    layers = dict(model.named_modules())
+    assert reference, "no BatchNorm layer captured"
+    for name, (mean, var) in reference.items():
+        layer = layers[name]
+        rel_var = ((layer.running_var.double() - var).abs() / var).max().item()
+        assert rel_var <= var_rtol, f"{name}: relative variance error {rel_var:.3g}"
+        ulp = torch.finfo(layer.running_mean.dtype).eps * mean.abs()
+        excess = (layer.running_mean.double() - mean).abs() - ulp
+        worst = (excess / var.sqrt()).max().item()
+        assert worst <= mean_tol, f"{name}: mean error {worst:.3g} std beyond buffer rounding"
+
+
+def buffers_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+def assert_same_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]):
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), f"{name} changed"
+
+
+class Residual(nn.Module):
+    """The seed question's residual block: two 3x3 convs with BN, 1x1 projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.project = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.project(x))
+
+
+def tiny_resnet(classes: int = 4, width: int = 4, dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        Residual(width, width),
+        nn.Dropout(dropout),
+        Residual(width, 2 * width, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, classes),
+    )
+
+
+def launch_two_processes(fn, *args):
+    """Runs fn(*args) in two real processes joined by gloo through Accelerate (CPU).
+
+    Spawned rather than forked: a fork after torch has used its thread pool can hang the children.
+    """
+    import socket
+    import tempfile
+
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.NamedTemporaryFile() as rendezvous, patch_environment(
+        world_size=2,
+        master_addr="127.0.0.1",
+        master_port=str(port),
+        accelerate_mixed_precision="no",
+        accelerate_debug_rdv_file=rendezvous.name,
+        accelerate_use_cpu="yes",
+        gloo_socket_ifname="lo",
+        omp_num_threads=1,
+    ):
+        start_processes(PrepareForLaunch(fn, debug=True), args=args, nprocs=2, start_method="spawn")

@@ -1,0 +1,309 @@
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import bnguard
+from helpers import (
+    assert_matches_reference,
+    assert_same_tensors,
+    buffers_of,
+    reference_statistics,
+    tiny_resnet,
+)
+
+
+def ramp_batches(shape_tail: tuple[int, ...], sizes: list[int], channels: int = 3, offset: float = 0.0):
+    """Channel c holds the values offset + c + 0, 1, 2, ... in order, split into batches of `sizes` samples:
+    the pooled mean and unbiased variance of m consecutive integers are (m - 1) / 2 and m (m + 1) / 12."""
+    per_sample = int(torch.tensor(shape_tail).prod()) if shape_tail else 1
+    total = sum(sizes) * per_sample
+    ramp = torch.arange(total, dtype=torch.float64).reshape(sum(sizes), *shape_tail)
+    data = torch.stack([ramp + offset + c for c in range(channels)], dim=1).float()
+    return list(torch.split(data, sizes)), total
+
+
+@pytest.mark.parametrize(
+    "layer, tail", [(nn.BatchNorm1d, ()), (nn.BatchNorm1d, (5,)), (nn.BatchNorm2d, (3, 2)), (nn.BatchNorm3d, (2, 2, 3))]
+)
+def test_closed_form_statistics_with_uneven_batches(layer, tail):
+    bn = layer(3)
+    batches, m = ramp_batches(tail, [5, 2, 9, 3])
+    report = bnguard.recalibrate(bn, batches, progress=False)
+    expected_mean = torch.tensor([(m - 1) / 2 + c for c in range(3)], dtype=torch.float64)
+    assert torch.equal(bn.running_mean, expected_mean.float())
+    torch.testing.assert_close(bn.running_var.double(), torch.full((3,), m * (m + 1) / 12, dtype=torch.float64), rtol=1e-7, atol=0)
+    assert report.batches == 4 and report.samples == 19
+    assert report.layers[0].samples == 19 and report.layers[0].batches == 4
+    assert bn.num_batches_tracked.item() == 4
+
+
+def test_uneven_splits_equal_the_single_batch_answer():
+    data = torch.randn(37, 4, 3, 3) * 0.5 + 100 * 0.5  # mean 100 std
+    whole, split = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    bnguard.recalibrate(whole, [data], progress=False)
+    bnguard.recalibrate(split, list(torch.split(data, [1, 20, 6, 10])), progress=False)
+    x = data.double().transpose(0, 1).reshape(4, -1)
+    mean, var = x.mean(dim=1), x.var(dim=1)
+    for bn in (whole, split):
+        assert ((bn.running_var.double() - var).abs() / var).max() <= 1e-6
+        assert (bn.running_mean.double() - mean).abs().max() <= torch.finfo(torch.float32).eps * 50 + 1e-6 * 0.5
+
+
+def resnet18_with_dropout() -> nn.Module:
+    model = torchvision.models.resnet18(num_classes=10)
+    model.layer2 = nn.Sequential(nn.Dropout(0.3), model.layer2)
+    model.layer4 = nn.Sequential(nn.Dropout2d(0.2), model.layer4)
+    return model
+
+
+@pytest.mark.parametrize("center", [0.0, 100.0])
+def test_resnet18_matches_float64_reference(center):
+    model = resnet18_with_dropout().train()  # dropout stays active: the reference replays its RNG stream
+    batches = [torch.randn(n, 3, 32, 32) + center for n in (8, 8, 5)]
+    reference = reference_statistics(model, batches, seed=7)
+    torch.manual_seed(7)
+    report = bnguard.recalibrate(model, batches, progress=False)
+    assert len(report.recalibrated) == 20
+    assert_matches_reference(model, reference)
+
+
+def test_state_is_restored_and_parameters_untouched():
+    model = resnet18_with_dropout()
+    model.eval()
+    model.layer1.train()  # a mixed state, to be restored exactly
+    model.bn1.momentum = None
+    model.fc(torch.randn(2, 512)).sum().backward()
+    optimizer = torch.optim.Adam(model.parameters())
+    optimizer.step()
+    modes = {name: m.training for name, m in model.named_modules()}
+    momenta = {name: m.momentum for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    calls = []
+    model.layer1[0].bn1.register_forward_hook(lambda *a: calls.append(1))
+    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    rng = torch.get_rng_state()
+
+    bnguard.recalibrate(model, batches, progress=False)
+
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert {name: m.momentum for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)} == momenta
+    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()} == hooks
+    assert len(calls) == 2  # the user's hook still ran during the passes
+    assert_same_tensors(params, {name: p.detach() for name, p in model.named_parameters()})
+    assert_same_tensors(grads, {name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    after = optimizer.state_dict()
+    for key, state in opt_state["state"].items():
+        assert_same_tensors({k: v for k, v in state.items()}, dict(after["state"][key]))
+
+
+def test_same_random_stream_afterwards():
+    model = tiny_resnet(dropout=0.5).train()
+    batches = [torch.randn(4, 1, 8, 8)]
+    torch.manual_seed(11)
+    bnguard.recalibrate(model, batches, progress=False)
+    with_recal = torch.rand(5)
+    torch.manual_seed(11)
+    assert torch.equal(torch.rand(5), with_recal)
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("where", ["loader", "forward"])
+def test_exception_mid_iteration_leaves_buffers_bit_identical(error, where):
+    model = tiny_resnet()
+    with torch.no_grad():  # give the buffers non-trivial content first
+        model.train()(torch.randn(8, 1, 8, 8) * 3)
+    model.eval()
+    before = buffers_of(model)
+
+    def batches():
+        yield torch.randn(4, 1, 8, 8)
+        yield torch.randn(4, 1, 8, 8)
+        if where == "loader":
+            raise error("loader died")
+        yield torch.randn(4, 1, 8, 8)
+
+    seen = []
+
+    def forward(m, batch):
+        seen.append(1)
+        if where == "forward" and len(seen) == 3:
+            raise error("forward died")
+        return m(batch)
+
+    with pytest.raises(error):
+        bnguard.recalibrate(model, batches(), forward=forward, progress=False)
+    assert_same_tensors(before, buffers_of(model))
+    assert all(not m.training for m in model.modules())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_nonfinite_batch_is_left_out_counted_and_warned():
+    clean = [torch.randn(6, 1, 8, 8) for _ in range(3)]
+    poisoned = clean[:1] + [torch.full((6, 1, 8, 8), float("nan"))] + clean[1:]
+    model = tiny_resnet().eval()
+    expected = copy.deepcopy(model)
+    bnguard.recalibrate(expected, clean, progress=False)
+    with pytest.warns(UserWarning, match="non-finite"):
+        report = bnguard.recalibrate(model, poisoned, progress=False)
+    assert all(layer.nonfinite_batches == 1 and layer.batches == 4 for layer in report.layers)
+    for (name, got), want in zip(model.named_buffers(), expected.buffers()):
+        if "running" in name:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+            assert torch.isfinite(got).all()
+    assert model[1].num_batches_tracked.item() == 3
+
+
+def test_a_layer_that_sees_only_nonfinite_batches_keeps_its_statistics():
+    bn = nn.BatchNorm1d(2)
+    before = buffers_of(bn)
+    with pytest.warns(UserWarning, match="non-finite"):
+        report = bnguard.recalibrate(bn, [torch.tensor([[1.0, float("inf")], [2.0, 3.0]])], progress=False)
+    assert report.layers[0].skipped == "no batch with finite statistics"
+    assert_same_tensors(before, buffers_of(bn))
+
+
+def test_skipped_layers_are_reported_and_untouched():
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3, track_running_stats=False),
+        nn.BatchNorm2d(3),  # excluded below, and in train mode: it must still be left alone
+        nn.BatchNorm2d(3),
+        nn.LazyBatchNorm2d(),
+    )
+    unused = nn.BatchNorm2d(3)
+    model.add_module("unused", unused)
+    model.forward = lambda x: model[4](model[3](model[2](model[1](model[0](x)))))
+    model.train()
+    excluded_before = buffers_of(model[2])
+    report = bnguard.recalibrate(
+        model, [torch.randn(4, 1, 6, 6)], modules=lambda name, layer: name != "2", progress=False
+    )
+    reasons = {layer.name: layer.skipped for layer in report.layers}
+    assert reasons == {
+        "1": "track_running_stats=False",
+        "2": "excluded",
+        "3": None,
+        "4": "uninitialized lazy layer",
+        "unused": "saw no input",
+    }
+    assert_same_tensors(excluded_before, buffers_of(model[2]))
+    assert unused.num_batches_tracked.item() == 0 and torch.equal(unused.running_var, torch.ones(3))
+
+
+def test_modules_given_as_layers_and_rejected_when_not_batchnorm():
+    model = tiny_resnet()
+    before = buffers_of(model)
+    report = bnguard.recalibrate(model, [torch.randn(4, 1, 8, 8)], modules=[model[1]], progress=False)
+    assert [layer.name for layer in report.recalibrated] == ["1"]
+    assert not torch.equal(before["1.running_var"], model[1].running_var)
+    assert torch.equal(before["3.bn1.running_var"], model[3].bn1.running_var)
+    with pytest.raises(ValueError, match="modules must select BatchNorm layers"):
+        bnguard.recalibrate(model, [torch.randn(4, 1, 8, 8)], modules=[model[0]], progress=False)
+
+
+def test_a_layer_called_twice_pools_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            return self.bn(x) + self.bn(x * 3 + 10)
+
+    model = Twice()
+    x = torch.randn(16, 2)
+    report = bnguard.recalibrate(model, [x], progress=False)
+    union = torch.cat([x, x * 3 + 10]).double()
+    torch.testing.assert_close(model.bn.running_mean.double(), union.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.bn.running_var.double(), union.var(0), rtol=1e-6, atol=0)
+    assert report.layers[0].batches == 2 and report.layers[0].samples == 32
+
+
+def test_budgets_stop_at_whichever_comes_first():
+    batches = [torch.randn(5, 2) for _ in range(10)]
+    assert bnguard.recalibrate(nn.BatchNorm1d(2), batches, num_batches=3, progress=False).batches == 3
+    by_samples = bnguard.recalibrate(nn.BatchNorm1d(2), batches, num_samples=12, progress=False)
+    assert (by_samples.batches, by_samples.samples) == (3, 15)  # the batch that reaches 12 is used whole
+    both = bnguard.recalibrate(nn.BatchNorm1d(2), batches, num_samples=100, num_batches=2, progress=False)
+    assert both.batches == 2
+
+
+@pytest.mark.parametrize("kwargs, name", [({"num_samples": 0}, "num_samples"), ({"num_batches": -1}, "num_batches")])
+def test_bad_budgets_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        bnguard.recalibrate(nn.BatchNorm1d(2), [torch.randn(4, 2)], **kwargs)
+
+
+def test_empty_iterable_raises_and_changes_nothing():
+    model = tiny_resnet()
+    before = buffers_of(model)
+    with pytest.raises(ValueError, match="batches is empty"):
+        bnguard.recalibrate(model, [], progress=False)
+    assert_same_tensors(before, buffers_of(model))
+
+
+def test_model_without_batchnorm_warns_and_returns_empty_report():
+    with pytest.warns(UserWarning, match="no BatchNorm layer"):
+        report = bnguard.recalibrate(nn.Linear(2, 2), [torch.randn(3, 2)], progress=False)
+    assert report.layers == [] and report.batches == 0
+
+
+def test_batch_shapes_and_custom_forward():
+    class KeywordModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, pixels, scale=1.0):
+            return self.bn(pixels * scale)
+
+    x = torch.randn(8, 3)
+    results = []
+    for batches, forward in [
+        ([x], None),
+        ([(x, torch.zeros(8))], None),
+        ([{"pixels": x}], None),
+        ([{"pixels": x / 2, "scale": 2.0}], None),
+        ([{"image": x}], lambda model, batch: model(batch["image"])),
+    ]:
+        model = KeywordModel()
+        bnguard.recalibrate(model, batches, forward=forward, progress=False)
+        results.append(model.bn.running_var)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-6, atol=0)
+
+
+def test_compiled_and_wrapped_models_are_recalibrated_in_place():
+    model = tiny_resnet()
+    expected = copy.deepcopy(model)
+    batches = [torch.randn(4, 1, 8, 8)]
+    bnguard.recalibrate(expected, batches, progress=False)
+    bnguard.recalibrate(torch.compile(model), batches, progress=False)
+    assert_same_tensors(buffers_of(expected), buffers_of(model))
+    bnguard.recalibrate(nn.DataParallel(model), batches, progress=False)
+    assert_same_tensors(buffers_of(expected), buffers_of(model))
+
+
+def test_report_table_and_dict():
+    model = tiny_resnet()
+    report = bnguard.recalibrate(model, [torch.randn(4, 1, 8, 8) + 5], progress=False)
+    text = str(report)
+    assert text.splitlines()[0].startswith("Recalibrated 6 of 6 BatchNorm layers from 1 batches (4 samples)")
+    assert "3.bn1" in text
+    as_dict = report.to_dict()
+    assert as_dict["batches"] == 1 and len(as_dict["layers"]) == 6
+    first = report.layers[0]
+    assert first.mean_shift_max >= first.mean_shift_mean > 0
+    assert first.var_log_ratio_max >= first.var_log_ratio_mean >= 0
