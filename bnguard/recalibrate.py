@@ -134,6 +134,7 @@ class _LayerAccumulator:
         buffer = layer.running_mean
         self.means = torch.zeros(self.chunk, layer.num_features, dtype=buffer.dtype, device=buffer.device)
         self.variances = torch.zeros_like(self.means)
+        self.rows = list(zip(self.means.unbind(), self.variances.unbind()))  # views made once, not per call
         self.calls = torch.zeros((), dtype=torch.long, device=buffer.device)
         self.counts: list[int] = []
         self.moments = Moments.empty(layer.num_features, buffer.device)
@@ -143,9 +144,7 @@ class _LayerAccumulator:
 
     def before_call(self, layer: _BatchNorm, args: tuple) -> None:
         # Direct dict access: this runs for every layer call, and the names are plain buffers.
-        row = len(self.counts)
-        layer._buffers["running_mean"] = self.means[row]
-        layer._buffers["running_var"] = self.variances[row]
+        layer._buffers["running_mean"], layer._buffers["running_var"] = self.rows[len(self.counts)]
         layer._buffers["num_batches_tracked"] = self.calls
 
     def after_call(self, layer: _BatchNorm, args: tuple, output: Any) -> None:
