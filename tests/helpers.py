@@ -119,3 +119,27 @@ def launch_two_processes(fn, *args):
         omp_num_threads=1,
     ):
         start_processes(PrepareForLaunch(fn, debug=True), args=args, nprocs=2, start_method="spawn")
+
+
+def toy_data(n: int = 24, classes: int = 4, seed: int = 0, size: int = 8):
+    """Images whose class shifts their mean: learnable in a few steps."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    images = torch.randn(n, 1, size, size, generator=g) + labels.float()[:, None, None, None]
+    return TensorDataset(images, labels)
+
+
+def toy_loop(tmp_path, hooks=(), epochs=2, batch_size=4, n_train=24, n_eval=10, dropout=0.0, **kwargs):
+    import bnguard
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = tiny_resnet(dropout=dropout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train = DataLoader(toy_data(n_train), batch_size=batch_size, shuffle=n_train > 0)
+    evaluation = DataLoader(toy_data(n_eval, seed=1), batch_size=batch_size) if n_eval else None
+    kwargs.setdefault("progress", False)
+    return bnguard.Loop(model, optimizer, train, eval_loader=evaluation, hooks=hooks, epochs=epochs,
+                        output_dir=tmp_path, **kwargs)

@@ -1,0 +1,40 @@
+"""Loss and metric sums over samples, kept on the device and reduced across processes on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample 1.0 / 0.0: whether the highest logit is the target class."""
+    return (outputs.argmax(dim=-1) == targets).double()
+
+
+class MetricSums:
+    """Sums of loss x samples and of per-sample metric, and the sample count; adding never synchronizes."""
+
+    def __init__(self, device: torch.device | str):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.score = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, mean_loss: torch.Tensor, scores: torch.Tensor) -> None:
+        count = scores.numel()
+        self.loss += mean_loss.detach() * count
+        self.score += scores.detach().sum()
+        self.count += count
+
+    def compute(self, prefix: str, metric_name: str, accelerator: Any = None) -> dict[str, float]:
+        """``{prefix_loss, prefix_<metric_name>}`` over all samples; sums over processes when given one."""
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device)
+        sums = torch.stack([self.loss, self.score, count])
+        if accelerator is not None and accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        loss, score, count = sums.tolist()
+        count = max(count, 1.0)
+        return {f"{prefix}_loss": loss / count, f"{prefix}_{metric_name}": score / count}

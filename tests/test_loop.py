@@ -1,0 +1,207 @@
+import json
+
+import pytest
+import torch
+
+import bnguard
+from bnguard import Event, Hook
+from helpers import toy_loop
+
+
+class Recorder(Hook):
+    """Records (event, epoch, step) for every event."""
+
+    def __init__(self):
+        self.seen = []
+        for event in Event:
+            setattr(self, event.value, self._recorder(event))
+
+    def _recorder(self, event):
+        return lambda state: self.seen.append((event.value, state.epoch, state.step))
+
+
+def expected_events(epochs, steps_per_epoch, evaluate=True):
+    out, step = [("on_fit_start", 0, 0)], 0
+    for epoch in range(epochs):
+        out.append(("on_epoch_start", epoch, step))
+        for _ in range(steps_per_epoch):
+            step += 1
+            out.append(("on_step_end", epoch, step))
+        out.append(("on_train_epoch_end", epoch, step))
+        if evaluate:
+            out += [("on_eval_start", epoch, step), ("on_eval_end", epoch, step)]
+        out.append(("on_epoch_end", epoch, step))
+    return out + [("on_fit_end", epochs - 1, step)]
+
+
+def test_every_hook_method_is_exactly_one_event():
+    methods = {name for name in vars(Hook) if name.startswith("on_")}
+    assert methods == {event.value for event in Event}
+    assert len({event.value for event in Event}) == len(Event)
+
+
+@pytest.mark.parametrize("accumulation, steps_per_epoch", [(1, 6), (2, 3), (4, 2)])
+def test_event_order_matches_the_documented_loop(tmp_path, accumulation, steps_per_epoch):
+    recorder = Recorder()
+    toy_loop(tmp_path, hooks=[recorder], epochs=2, gradient_accumulation_steps=accumulation).fit()
+    # 24 samples in batches of 4: 6 batches, so 6 / accumulation optimizer steps (the last group is flushed)
+    assert recorder.seen == expected_events(2, steps_per_epoch)
+
+
+def test_evaluation_every_n_steps_fires_inside_the_epoch(tmp_path):
+    recorder = Recorder()
+    toy_loop(tmp_path, hooks=[recorder], epochs=1, eval_every_steps=4).fit()
+    names = [event for event, _, _ in recorder.seen]
+    assert names == ["on_fit_start", "on_epoch_start", *["on_step_end"] * 4, "on_eval_start", "on_eval_end",
+                     *["on_step_end"] * 2, "on_train_epoch_end", "on_epoch_end", "on_fit_end"]
+
+
+def test_metrics_file_and_final_metrics(tmp_path):
+    loop = toy_loop(tmp_path, epochs=3)
+    final = loop.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and [r["step"] for r in records] == [6, 12, 18]
+    assert final == records[-1]
+    for r in records:
+        assert {"train_loss", "train_acc", "eval_loss", "eval_acc", "seconds"} <= r.keys()
+        assert 0 <= r["train_acc"] <= 1 and r["eval_acc"] * 10 == pytest.approx(round(r["eval_acc"] * 10))
+    # eval metrics are those of the model as it ends: recompute them by hand
+    model = loop.accelerator.unwrap_model(loop.model).eval()
+    images, labels = loop.eval_loader.dataset.tensors
+    with torch.no_grad():
+        logits = model(images)
+    assert final["eval_acc"] == pytest.approx((logits.argmax(1) == labels).double().mean().item(), abs=1e-12)
+    assert final["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_custom_metric_replaces_accuracy(tmp_path):
+    final = toy_loop(tmp_path, epochs=1, metric=lambda out, y: (out.argmax(1) != y).double(),
+                     metric_name="error").fit()
+    assert "train_error" in final and "eval_error" in final and "eval_acc" not in final
+
+
+def test_a_hook_can_stop_the_loop_and_max_steps_stops_it(tmp_path):
+    class StopAt(Hook):
+        def on_step_end(self, state):
+            if state.step == 4:
+                state.request_stop()
+
+    assert toy_loop(tmp_path / "a", hooks=[StopAt()], epochs=5).fit()["step"] == 4
+    assert toy_loop(tmp_path / "b", epochs=None, max_steps=8).fit()["step"] == 8
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    whole = toy_loop(tmp_path / "whole", epochs=3, dropout=0.3, checkpoint_every_epochs=1)
+    whole.fit()
+
+    class Interrupt(Hook):
+        def on_epoch_start(self, state):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+    broken = toy_loop(tmp_path / "resumed", hooks=[Interrupt()], epochs=3, dropout=0.3, checkpoint_every_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    torch.manual_seed(1234)  # a different process state: the checkpoint must restore everything
+    resumed = toy_loop(tmp_path / "resumed", epochs=3, dropout=0.3, checkpoint_every_epochs=1)
+    resumed.fit(resume_from="latest")
+
+    def read(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert read(tmp_path / "resumed") == read(tmp_path / "whole")
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [
+        "epoch-0001", "epoch-0002", "epoch-0003"]
+
+
+def test_hook_state_is_checkpointed_under_distinct_keys(tmp_path):
+    class Counter(Hook):
+        def __init__(self):
+            self.calls = 0
+
+        def on_step_end(self, state):
+            self.calls += 1
+
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state):
+            self.calls = state["calls"]
+
+    first, second = Counter(), Counter()
+    second.calls = 100
+    toy_loop(tmp_path, hooks=[first, second], epochs=1, checkpoint_every_epochs=1).fit()
+    assert (first.state_key, second.state_key) == ("test_hook_state_is_checkpointed_under_distinct_keys.<locals>.Counter#0",
+                                                   "test_hook_state_is_checkpointed_under_distinct_keys.<locals>.Counter#1")
+    restored = [Counter(), Counter()]
+    toy_loop(tmp_path, hooks=restored, epochs=1).fit(resume_from=tmp_path / "checkpoints" / "epoch-0001")
+    assert [h.calls for h in restored] == [6, 106]
+
+
+def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
+    loop = toy_loop(tmp_path, epochs=2, checkpoint_every_epochs=1)
+
+    real_save = loop.accelerator.save_state
+    calls = []
+
+    def failing_second_save(path):
+        calls.append(path)
+        real_save(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(loop.accelerator, "save_state", failing_second_save)
+    with pytest.raises(OSError):
+        loop.fit()
+    good = tmp_path / "checkpoints" / "epoch-0001"
+    assert good.is_dir() and not (tmp_path / "checkpoints" / "epoch-0002").exists()
+    assert bnguard.checkpoint.latest_checkpoint(tmp_path / "checkpoints") == good
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"n_train": 0}, ValueError, "train_loader is empty"),
+        ({"n_eval": 0, "eval_every_epochs": 1}, ValueError, "no eval_loader"),
+        ({"hooks": [object()]}, TypeError, "bnguard.Hook"),
+        ({"epochs": 0}, ValueError, "epochs must be a positive integer"),
+        ({"epochs": None}, ValueError, "give epochs or max_steps"),
+        ({"tracker": "mlflow"}, ValueError, "unknown tracker 'mlflow'"),
+    ],
+)
+def test_bad_input_fails_at_construction(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        toy_loop(tmp_path, **kwargs)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_failing_hook_fires_the_exception_event_and_names_itself(tmp_path):
+    class Broken(Hook):
+        def on_train_epoch_end(self, state):
+            raise ZeroDivisionError("oops")
+
+    class Witness(Hook):
+        error = None
+
+        def on_exception(self, state):
+            Witness.error = state.error
+
+    with pytest.raises(bnguard.HookError, match="Broken failed in on_train_epoch_end") as caught:
+        toy_loop(tmp_path, hooks=[Broken(), Witness()]).fit()
+    assert Witness.error is caught.value and isinstance(caught.value.__cause__, ZeroDivisionError)
+
+
+def test_training_batches_for_hooks_leave_the_run_unchanged(tmp_path):
+    plain = toy_loop(tmp_path / "plain", epochs=2, dropout=0.3).fit()
+
+    class DrawOnly(Hook):
+        def on_epoch_end(self, state):
+            self.sizes = [len(batch[0]) for batch in state.train_batches()]
+
+    drawer = DrawOnly()
+    drawn = toy_loop(tmp_path / "drawn", hooks=[drawer], epochs=2, dropout=0.3).fit()
+    assert drawer.sizes == [4] * 6
+    assert {k: v for k, v in drawn.items() if k != "seconds"} == {k: v for k, v in plain.items() if k != "seconds"}

@@ -1,0 +1,49 @@
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bnguard
+from bnguard import Event, Hook
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+class Log(Hook):
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def on_step_end(self, state):
+        self.seen.append((self.name, state.step))
+
+
+def test_dispatcher_updates_state_then_calls_hooks_in_list_order():
+    seen = []
+    hooks = bnguard.Hooks([Log("a", seen), Log("b", seen)])
+    hooks.fire(Event.STEP_END, step=7)
+    hooks.fire("on_step_end", step=8)
+    assert seen == [("a", 7), ("b", 7), ("a", 8), ("b", 8)]
+    with pytest.raises(AttributeError, match="no field 'stepp'"):
+        hooks.fire(Event.STEP_END, stepp=1)
+    with pytest.raises(ValueError):
+        hooks.fire("on_nothing")
+
+
+def test_state_helpers_say_what_is_missing():
+    state = bnguard.Hooks([]).state
+    with pytest.raises(RuntimeError, match="evaluate="):
+        state.evaluate()
+    with pytest.raises(RuntimeError, match="train_batches="):
+        state.train_batches()
+
+
+def test_own_loop_example_runs_the_hooks(capsys):
+    from own_loop import main
+
+    metrics = main(["--epochs", "2", "--limit-batches", "3"])
+    lines = re.findall(r"epoch (\d): eval accuracy ([0-9.]+)", capsys.readouterr().out)
+    assert [epoch for epoch, _ in lines] == ["1", "2"]
+    assert float(lines[-1][1]) == pytest.approx(metrics["eval_acc"], abs=5e-4)
+    assert metrics["eval_acc"] * 450 == pytest.approx(round(metrics["eval_acc"] * 450))  # 450 eval digits

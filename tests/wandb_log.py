@@ -1,0 +1,73 @@
+"""Reads an offline W&B run back from its `.wandb` file, the way the tests check what a run holds.
+
+The file is a LevelDB-style log: a 7-byte header starting with ':W&B', then 32 KiB blocks of chunks, each
+with a 7-byte header (CRC32, little-endian uint16 length, type: 1 full, 2 first, 3 middle, 4 last); a block
+tail shorter than a header is padding. Joined chunks are `Record` protobuf messages.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def records(path: Path) -> list[pb.Record]:
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B log"
+    out, pending, pos = [], b"", HEADER
+    while pos + HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < HEADER:
+            pos += left_in_block
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        payload = data[pos + HEADER : pos + HEADER + length]
+        if kind == 0 and length == 0:
+            break
+        assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == checksum, "corrupt chunk"
+        pos += HEADER + length
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+            pending = b""
+    return out
+
+
+def history(run_dir: Path) -> list[dict]:
+    """Every history row of the run: {'_step': ..., 'key' or 'a/b': value}, values decoded from JSON."""
+    (log,) = Path(run_dir).glob("*.wandb")
+    rows = []
+    for record in records(log):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in record.history.item:
+            key = "/".join(item.nested_key) if item.nested_key else item.key
+            row[key] = json.loads(item.value_json)
+        rows.append(row)
+    return rows
+
+
+def config(run_dir: Path) -> dict:
+    (log,) = Path(run_dir).glob("*.wandb")
+    values = {}
+    for record in records(log):
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                key = "/".join(item.nested_key) if item.nested_key else item.key
+                values[key] = json.loads(item.value_json)
+    return values
+
+
+def offline_run_dir(output_dir: Path) -> Path:
+    (run_dir,) = Path(output_dir).glob("wandb/offline-run-*")
+    return run_dir
