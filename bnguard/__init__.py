@@ -1,5 +1,6 @@
 """bnguard: keeps BatchNorm running statistics honest during training."""
 
+from .bn_stats import BNStatsLogger, bn_statistics, log_bn_stats
 from .events import Event
 from .hooks import Hook, HookError, Hooks, State
 from .loop import Loop
@@ -11,6 +12,7 @@ from .stats import Moments
 __version__ = "0.1.0"
 
 __all__ = [
+    "BNStatsLogger",
     "Event",
     "Hook",
     "HookError",
@@ -21,6 +23,8 @@ __all__ = [
     "RecalibrationReport",
     "State",
     "accuracy",
+    "bn_statistics",
     "default_forward",
+    "log_bn_stats",
     "recalibrate",
 ]

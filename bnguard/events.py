@@ -31,6 +31,7 @@ class Event(str, Enum):
             if stop requested or step == max_steps: break
         FIT_END                                # final checkpoint written, trackers still open
         # any exception above: EXCEPTION (state.error set), then the exception propagates
+        # whenever a hook calls state.recalibrated(report): RECALIBRATED, at once, to every hook
     """
 
     FIT_START = "on_fit_start"
@@ -41,4 +42,5 @@ class Event(str, Enum):
     EVAL_END = "on_eval_end"
     EPOCH_END = "on_epoch_end"
     FIT_END = "on_fit_end"
+    RECALIBRATED = "on_recalibrated"
     EXCEPTION = "on_exception"

@@ -12,6 +12,7 @@ from torch import nn
 
 from .events import Event
 from .layers import unwrap_model
+from .report import RecalibrationReport
 
 
 class HookError(RuntimeError):
@@ -22,7 +23,8 @@ class HookError(RuntimeError):
 class State:
     """What hooks see of a training run. Loops update it; hooks read it and call its methods.
 
-    ``record`` is the current epoch's ``metrics.jsonl`` entry: hooks may add keys to it.
+    ``record`` is the current epoch's ``metrics.jsonl`` entry: hooks may add keys to it. ``recalibration``
+    is the latest :class:`RecalibrationReport`, announced with :meth:`recalibrated`.
     """
 
     accelerator: Any = None
@@ -33,10 +35,12 @@ class State:
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    recalibration: RecalibrationReport | None = None
     error: BaseException | None = None
     should_stop: bool = False
     evaluator: Callable[[], dict[str, float]] | None = None
     batch_source: Callable[[], Iterable[Any]] | None = None
+    dispatch: Callable[[Event], None] | None = None
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -62,6 +66,12 @@ class State:
         if self.batch_source is None:
             raise RuntimeError("this loop gave its hooks no training batches: pass train_batches= to bnguard.Hooks")
         return self.batch_source()
+
+    def recalibrated(self, report: RecalibrationReport) -> None:
+        """Announces new running statistics: sets ``recalibration`` and fires RECALIBRATED to every hook."""
+        self.recalibration = report
+        if self.dispatch is not None:
+            self.dispatch(Event.RECALIBRATED)
 
     def request_stop(self) -> None:
         """Asks the loop to stop after the current step."""
@@ -92,6 +102,8 @@ class Hook:
     def on_fit_end(self, state: State) -> None: ...
 
     def on_exception(self, state: State) -> None: ...
+
+    def on_recalibrated(self, state: State) -> None: ...
 
     @property
     def state_key(self) -> str:
@@ -140,7 +152,7 @@ class Hooks:
                 key = hook.state_key
                 hook.state_key = f"{key}#{nth[key]}"
                 nth[key] += 1
-        self.state = State(evaluator=evaluate, batch_source=train_batches, **state)
+        self.state = State(evaluator=evaluate, batch_source=train_batches, dispatch=self.fire, **state)
 
     def fire(self, event: Event | str, **updates: Any) -> None:
         """Updates the state with ``updates``, then calls ``event`` on every hook in order.

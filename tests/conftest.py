@@ -22,3 +22,13 @@ def _fresh_accelerate():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _wandb_teardown():
+    # W&B keeps a process-wide service and settings; end them so that each test starts its runs afresh.
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -42,25 +43,38 @@ def records(path: Path) -> list[pb.Record]:
     return out
 
 
-def history(run_dir: Path) -> list[dict]:
-    """Every history row of the run: {'_step': ..., 'key' or 'a/b': value}, values decoded from JSON."""
+def finished_records(run_dir: Path, timeout: float = 30.0) -> list[pb.Record]:
+    """The run's records once its `exit` record is written: W&B's service may still be writing the file
+    for a moment after `run.finish()` returns."""
     (log,) = Path(run_dir).glob("*.wandb")
-    rows = []
-    for record in records(log):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def history(run_dir: Path) -> list[dict]:
+    """The run's history, one row per step in step order: {'_step': ..., 'key' or 'a/b': value}.
+
+    W&B may write one step in several records; they are merged, as W&B merges several logs at one step.
+    """
+    rows: dict[int, dict] = {}
+    for record in finished_records(run_dir):
         if record.WhichOneof("record_type") != "history":
             continue
         row = {}
         for item in record.history.item:
             key = "/".join(item.nested_key) if item.nested_key else item.key
             row[key] = json.loads(item.value_json)
-        rows.append(row)
-    return rows
+        rows.setdefault(row["_step"], {}).update(row)
+    return [rows[step] for step in sorted(rows)]
 
 
 def config(run_dir: Path) -> dict:
-    (log,) = Path(run_dir).glob("*.wandb")
     values = {}
-    for record in records(log):
+    for record in finished_records(run_dir):
         if record.WhichOneof("record_type") == "config":
             for item in record.config.update:
                 key = "/".join(item.nested_key) if item.nested_key else item.key
@@ -68,6 +82,10 @@ def config(run_dir: Path) -> dict:
     return values
 
 
-def offline_run_dir(output_dir: Path) -> Path:
-    (run_dir,) = Path(output_dir).glob("wandb/offline-run-*")
-    return run_dir
+def offline_run_dir(output_dir: Path, timeout: float = 30.0) -> Path:
+    """The one offline run under output_dir, once its log file exists (the service creates it)."""
+    deadline = time.monotonic() + timeout
+    while not (found := list(Path(output_dir).glob("wandb/offline-run-*/*.wandb"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (log,) = found
+    return log.parent

@@ -1,0 +1,224 @@
+"""Per-layer histograms of BatchNorm running statistics, for W&B and TensorBoard."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .hooks import Hook, State
+from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
+from .tracking import tensorboard_writer, wandb_run
+
+MAX_BINS = 512  # W&B's limit
+
+
+class Histogram(NamedTuple):
+    """Bin counts and edges over a tensor's finite channels, with the exact totals TensorBoard shows."""
+
+    counts: np.ndarray
+    edges: np.ndarray
+    num: int
+    sum: float
+    sum_squares: float
+
+
+def check_bins(bins: int) -> int:
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be an integer from 1 to {MAX_BINS} (W&B's limit), got {bins!r}")
+    return bins
+
+
+def _tensors(layer: nn.Module, include_affine: bool) -> dict[str, torch.Tensor]:
+    out = {"running_mean": layer.running_mean, "running_var": layer.running_var}
+    if include_affine and layer.affine:
+        out.update(weight=layer.weight, bias=layer.bias)
+    return out
+
+
+def bn_statistics(model: nn.Module, bins: int = 64, include_affine: bool = False) -> dict[str, Any]:
+    """Histograms over channels and summary scalars of every tracking, initialized BatchNorm layer.
+
+    Returns ``{"bn/<layer>/<tensor>": (counts, edges)}`` (NumPy arrays; non-finite channels left out) and the
+    scalars ``bn/<layer>/running_mean_mean``, ``running_mean_std``, ``log_running_var_mean`` and ``nonfinite``
+    (channels whose running mean or variance is NaN/Inf). Histograms are computed where the tensors live with
+    ``torch.histc``; only ranges, counts and scalars leave the device, in three transfers in all.
+    """
+    check_bins(bins)
+    layers = [(n, m) for n, m in batchnorm_layers(model) if tracks_statistics(m) and not is_uninitialized(m)]
+    entries, summaries = [], []
+    for name, layer in layers:
+        mean, var = layer.running_mean.detach().double(), layer.running_var.detach().double()
+        finite = torch.isfinite(mean) & torch.isfinite(var)
+        summaries.append(_summary(mean, var, finite))
+        for key, tensor in _tensors(layer, include_affine).items():
+            values = tensor.detach().double()
+            entries.append((f"bn/{name}/{key}", values, finite if key.startswith("running") else torch.isfinite(values)))
+    if not entries:
+        return {}
+    totals = torch.stack([_totals(values, mask) for _, values, mask in entries]).tolist()
+    ranges = [_widened(low, high) for low, high, *_ in totals]
+    # histc leaves NaN out, so masking needs no data-dependent shape (and no synchronization).
+    counts = torch.stack(
+        [torch.histc(torch.where(m, v, torch.nan), bins=bins, min=low, max=high)
+         for (_, v, m), (low, high) in zip(entries, ranges)]
+    ).cpu()
+    out: dict[str, Any] = {}
+    for (key, _, _), (low, high), row, (*_, num, total, squares) in zip(entries, ranges, counts, totals):
+        out[key] = Histogram(row.round().long().numpy(), np.linspace(low, high, bins + 1), int(num), total, squares)
+    for (name, _), row in zip(layers, torch.stack(summaries).cpu().tolist()):
+        out[f"bn/{name}/running_mean_mean"], out[f"bn/{name}/running_mean_std"] = row[0], row[1]
+        out[f"bn/{name}/log_running_var_mean"], out[f"bn/{name}/nonfinite"] = row[2], int(row[3])
+    return out
+
+
+def _summary(mean: torch.Tensor, var: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Channel mean and std of the running mean, mean log running variance, count of non-finite channels."""
+    kept = finite.sum().clamp(min=1)
+    centre = torch.where(finite, mean, 0.0).sum() / kept
+    spread = (torch.where(finite, mean - centre, 0.0).square().sum() / (kept - 1).clamp(min=1)).sqrt()
+    log_var = torch.where(finite, var.clamp(min=torch.finfo(torch.float64).tiny).log(), 0.0).sum() / kept
+    return torch.stack([centre, spread, log_var, (~finite).sum().double()])
+
+
+def _totals(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """min, max, count, sum and sum of squares of the finite entries (min > max when there are none)."""
+    kept = torch.where(mask, values, 0.0)
+    return torch.stack([torch.where(mask, values, torch.inf).min(), torch.where(mask, values, -torch.inf).max(),
+                        mask.sum().double(), kept.sum(), kept.square().sum()])
+
+
+def _widened(low: float, high: float) -> tuple[float, float]:
+    if low > high:  # no finite value at all: an empty histogram on a unit range
+        return 0.0, 1.0
+    if low == high:  # a constant tensor still gets a valid histogram, centred on its value
+        return low - 0.5, high + 0.5
+    return low, high
+
+
+def log_bn_stats(
+    model: nn.Module, step: int, *, accelerator: Any = None, bins: int = 64, include_affine: bool = False
+) -> dict[str, Any]:
+    """One logging round of :func:`bn_statistics`, at ``step``, on the main process; returns what it logged.
+
+    With an ``accelerator``, values go to its trackers: histograms to W&B as ``wandb.Histogram`` and to
+    TensorBoard through ``add_histogram_raw`` (Accelerate's TensorBoard tracker would drop them), scalars to
+    every tracker. Without one, to the active ``wandb.run``, if any.
+    """
+    if accelerator is not None and not accelerator.is_main_process:
+        return {}
+    stats = bn_statistics(model, bins, include_affine)
+    if stats:
+        _send(stats, step, accelerator)
+    return stats
+
+
+def _send(stats: dict[str, Any], step: int, accelerator: Any) -> None:
+    histograms = {k: v for k, v in stats.items() if isinstance(v, Histogram)}
+    values = {k: v for k, v in stats.items() if not isinstance(v, Histogram)}
+    run = wandb_run(accelerator) if accelerator is not None else _active_wandb_run()
+    if run is not None:
+        import wandb
+
+        values.update({k: wandb.Histogram(np_histogram=(h.counts, h.edges)) for k, h in histograms.items()})
+    if accelerator is not None:
+        accelerator.log(values, step=step)
+    elif run is not None:
+        run.log(values, step=step)
+    writer = tensorboard_writer(accelerator)
+    if writer is not None:
+        for key, h in histograms.items():
+            writer.add_histogram_raw(key, min=float(h.edges[0]), max=float(h.edges[-1]), num=h.num, sum=h.sum,
+                                     sum_squares=h.sum_squares, bucket_limits=h.edges[1:].tolist(),
+                                     bucket_counts=h.counts.tolist(), global_step=step)
+
+
+def _active_wandb_run() -> Any:
+    import sys
+
+    wandb = sys.modules.get("wandb")  # a run can only be active if wandb was imported
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+class BNStatsLogger(Hook):
+    """Logs histograms of every BatchNorm layer's ``running_mean`` / ``running_var`` (and with
+    ``include_affine`` its weight and bias) every ``every_n_steps`` steps and, with ``on_eval``, after each
+    evaluation, at the loop's global step, under ``bn/<layer>/...`` (see :func:`bn_statistics`).
+
+    At fit start it prints a torchinfo summary and logs a W&B table of the BatchNorm layers; the output
+    shapes come from a forward in eval mode on ``input_size`` or, if not given, on one training batch. On
+    every RECALIBRATED event it logs how far each layer's statistics moved, ``bn/<layer>/staleness_mean_shift_max``
+    (in new-std units) and ``bn/<layer>/staleness_log_var_ratio_max``, and the new statistics.
+    Main process only; steps that do not log cost one integer comparison.
+    """
+
+    def __init__(self, every_n_steps: int = 100, on_eval: bool = True, bins: int = 64,
+                 include_affine: bool = False, input_size: tuple[int, ...] | None = None):
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        self.every_n_steps, self.on_eval, self.bins = every_n_steps, on_eval, check_bins(bins)
+        self.include_affine, self.input_size = include_affine, input_size
+        self._logged_step: int | None = None
+
+    def on_fit_start(self, state: State) -> None:
+        if not state.is_main_process:
+            return
+        layers = list(batchnorm_layers(state.model))
+        if not layers:
+            warnings.warn("BNStatsLogger: the model has no BatchNorm layer, nothing will be logged", stacklevel=2)
+            return
+        shapes = self._output_shapes(state)
+        run = wandb_run(state.accelerator)
+        if run is not None:
+            import wandb
+
+            columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
+            rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine,
+                     layer.track_running_stats, str(shapes.get(name, "unknown"))] for name, layer in layers]
+            run.log({"bn/layers": wandb.Table(columns=columns, data=rows)}, step=state.step)
+
+    def on_step_end(self, state: State) -> None:
+        if state.step % self.every_n_steps == 0:
+            self._log(state)
+
+    def on_eval_end(self, state: State) -> None:
+        if self.on_eval:
+            self._log(state)
+
+    def on_recalibrated(self, state: State) -> None:
+        values = {}
+        for layer in state.recalibration.recalibrated:
+            values[f"bn/{layer.name}/staleness_mean_shift_max"] = layer.mean_shift_max
+            values[f"bn/{layer.name}/staleness_log_var_ratio_max"] = layer.var_log_ratio_max
+        state.log(values)
+        self._logged_step = None  # the statistics changed: log them again even at this step
+        self._log(state)
+
+    def _log(self, state: State) -> None:
+        if self._logged_step != state.step:  # the same statistics at the same step are logged once
+            self._logged_step = state.step
+            log_bn_stats(state.model, state.step, accelerator=state.accelerator, bins=self.bins,
+                         include_affine=self.include_affine)
+
+    def _output_shapes(self, state: State) -> dict[str, Any]:
+        """Prints the torchinfo summary; returns each BatchNorm layer's output shape by name."""
+        from torchinfo import summary
+
+        model = state.unwrapped_model
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if self.input_size is not None:
+            kwargs: dict[str, Any] = {"input_size": self.input_size}
+        elif state.batch_source is not None:
+            batch = next(iter(state.train_batches()))
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            kwargs = {"input_data": [inputs.to(device)]}
+        else:
+            print(summary(model, verbose=0))
+            return {}
+        stats = summary(model, device=device, verbose=0, **kwargs)
+        print(stats)
+        names = {id(module): name for name, module in batchnorm_layers(model)}
+        return {names[id(row.module)]: row.output_size for row in stats.summary_list if id(row.module) in names}
