@@ -1,5 +1,6 @@
 """bnguard: keeps BatchNorm running statistics honest during training."""
 
+from .auto_recalibrate import AutoRecalibrate, Decision
 from .bn_stats import BNStatsLogger, bn_statistics, log_bn_stats
 from .events import Event
 from .hooks import Hook, HookError, Hooks, State
@@ -12,7 +13,9 @@ from .stats import Moments
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoRecalibrate",
     "BNStatsLogger",
+    "Decision",
     "Event",
     "Hook",
     "HookError",

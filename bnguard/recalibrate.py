@@ -92,7 +92,7 @@ def recalibrate(
 
     device = next(iter(targets)).running_mean.device
     if forward is None:
-        forward = lambda module, batch: default_forward(module, _to_device(batch, device))  # noqa: E731
+        forward = lambda module, batch: default_forward(module, to_device(batch, device))  # noqa: E731
     bar = tqdm(
         desc="recalibrating BatchNorm",
         unit="batch",
@@ -326,13 +326,14 @@ def _warn_nonfinite(layers: list[LayerReport]) -> None:
         )
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors in a batch (nested in tuples, lists, dicts) moved to `device`; anything else as is."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
+        return {key: to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(value, device) for value in batch)
+        return type(batch)(to_device(value, device) for value in batch)
     return batch
 
 
