@@ -31,7 +31,9 @@ def side_batches(loader: DataLoader, *, seed: int, rank: int, world_size: int) -
     """This process's share of a fresh shuffle of ``loader``'s dataset, batched like ``loader``.
 
     The shuffle comes from its own generator seeded with ``seed`` and no global random state is left
-    changed, so the training loader's order and the run's random stream are exactly as without it.
+    changed, so the training loader's order and the run's random stream are exactly as without it. A short
+    last batch is dropped when there is a full one: BatchNorm cannot train-normalize a batch of one, and a
+    handful of samples normalized among themselves would not be representative anyway.
     """
     if isinstance(loader.dataset, IterableDataset):
         raise TypeError("drawing recalibration batches needs a map-style training dataset (with __getitem__)")
@@ -44,6 +46,7 @@ def side_batches(loader: DataLoader, *, seed: int, rank: int, world_size: int) -
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
         generator=generator,
+        drop_last=len(indices) >= (loader.batch_size or 1),
     )
     with preserved_rng():
         yield from side

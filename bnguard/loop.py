@@ -37,7 +37,8 @@ class Loop:
     that a resumed run draws the same batches. ``tracker`` is ``"wandb"``, ``"tensorboard"``, ``"all"`` or
     ``"none"``; W&B runs offline when no API key is configured. ``output_dir`` (default ``runs/<timestamp>``)
     receives ``metrics.jsonl``, tracker files and ``checkpoints/epoch-NNNN`` every
-    ``checkpoint_every_epochs`` epochs and at the end.
+    ``checkpoint_every_epochs`` epochs and at the end. ``limit_train_batches`` caps the batches of each
+    training epoch (quick runs).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class Loop:
         eval_every_epochs: int | None = None,
         eval_every_steps: int | None = None,
         log_every_steps: int = 10,
+        limit_train_batches: int | None = None,
         checkpoint_every_epochs: int | None = None,
         output_dir: str | Path | None = None,
         tracker: str | list[str] | None = None,
@@ -72,7 +74,8 @@ class Loop:
         self.hooks = Hooks(hooks)
         _check_positive(epochs=epochs, max_steps=max_steps, gradient_accumulation_steps=gradient_accumulation_steps,
                         eval_every_epochs=eval_every_epochs, eval_every_steps=eval_every_steps,
-                        log_every_steps=log_every_steps, checkpoint_every_epochs=checkpoint_every_epochs)
+                        log_every_steps=log_every_steps, checkpoint_every_epochs=checkpoint_every_epochs,
+                        limit_train_batches=limit_train_batches)
         if epochs is None and max_steps is None:
             raise ValueError("give epochs or max_steps (or both): the loop needs to know when to stop")
         if _length(train_loader) == 0:
@@ -97,6 +100,7 @@ class Loop:
         self.trackers = tracker_names(tracker if tracker is not None else [str(t) for t in accelerator.log_with])
         self.epochs, self.max_steps = epochs, max_steps
         self.max_grad_norm, self.log_every_steps = max_grad_norm, log_every_steps
+        self.limit_train_batches = limit_train_batches
         self.eval_every_epochs, self.eval_every_steps = eval_every_epochs, eval_every_steps
         self.checkpoint_every_epochs = checkpoint_every_epochs
         self.loss_fn, self.metric, self.metric_name = loss_fn, metric, metric_name
@@ -170,7 +174,9 @@ class Loop:
         sums = MetricSums(acc.device)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not (self.show_progress and acc.is_main_process and sys.stderr.isatty()))
-        for inputs, targets in bar:
+        for index, (inputs, targets) in enumerate(bar):
+            if self.limit_train_batches is not None and index == self.limit_train_batches:
+                break
             with acc.accumulate(model):
                 outputs = model(inputs)
                 loss = self.loss_fn(outputs, targets)

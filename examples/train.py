@@ -1,0 +1,160 @@
+"""Train the network of the original question and watch bnguard keep its BatchNorm statistics honest.
+
+    accelerate launch examples/train.py               # digits, offline, about 1 minute on 2 CPU cores
+    accelerate launch examples/train.py --compare     # the same run without and with bnguard, one plot
+    accelerate launch examples/train.py --bnguard off # the problem: eval accuracy swinging between epochs
+
+Leaves in --output-dir: metrics.jsonl (one line per epoch), accuracy.png, the W&B run (offline unless an API
+key is configured; the `wandb sync` command is printed) and, with --tracker tensorboard, TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list
+from torch import nn
+from torch.utils.data import DataLoader
+
+import bnguard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import cifar10, digits, image_folder  # noqa: E402
+from models import SeedNet  # noqa: E402
+from plot import plot_accuracy  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bnguard", choices=["auto", "off", "always", "monitor"], default="auto",
+                   help="auto: BNStatsLogger + AutoRecalibrate (default); off: plain running statistics, the "
+                        "baseline; always: recalibrate before every evaluation; monitor: detect and report only")
+    p.add_argument("--compare", action="store_true", help="run 'off' and 'auto' with the same seed, plot both")
+    p.add_argument("--model", choices=["seednet", "resnet18"], default="seednet",
+                   help="seednet: the question's network (7x7 stem, 8 residual blocks, 17 BN layers); "
+                        "resnet18: torchvision's")
+    p.add_argument("--dataset", choices=["digits", "cifar10", "imagefolder"], default="digits",
+                   help="digits: scikit-learn's handwritten digits, shipped offline (default); cifar10 and "
+                        "imagefolder (a class-per-folder tree such as the 176-class leaf set) need --data-dir")
+    p.add_argument("--data-dir", help="folder of the cifar10 or imagefolder data")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size per process (default 32)")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate (default 5e-3)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam (default) or sgd (momentum 0.9)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate schedule: constant, or cosine decay to 0 over the run (default constant)")
+    p.add_argument("--bn-momentum", type=float, default=0.1, help="BatchNorm momentum (default 0.1, PyTorch's)")
+    p.add_argument("--width", type=int, default=16, help="seednet's first-stage width; 64 is the original (default 16)")
+    p.add_argument("--image-size", type=int, default=32, help="input height and width (default 32)")
+    p.add_argument("--seed", type=int, default=2, help="seed for the split, the weights and the data order")
+    p.add_argument("--limit-batches", type=int, help="cap training batches per epoch, for quick runs")
+    p.add_argument("--tracker", choices=["wandb", "tensorboard", "all", "none"], default="wandb",
+                   help="where to log (default wandb, offline when no API key is configured)")
+    p.add_argument("--wandb-project", default="bnguard-example", help="W&B project name")
+    p.add_argument("--output-dir", help="where outputs go (default runs/<timestamp>)")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
+    p.add_argument("--resume", help="checkpoint folder to resume from, or 'latest' (in --output-dir)")
+    p.add_argument("--checkpoint-every", type=int, default=4, help="save a checkpoint every N epochs and at the end")
+    p.add_argument("--hist-every", type=int, default=50, help="BN histogram logging interval in steps")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "width", "image_size", "hist_every", "checkpoint_every"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.compare and args.resume:
+        p.error("--compare starts two fresh runs; --resume continues one: use them separately")
+    return args
+
+
+def load_data(args):
+    if args.dataset == "digits":
+        return digits(args.image_size, seed=args.seed)
+    if args.dataset == "cifar10":
+        return cifar10(args.data_dir, args.image_size)
+    return image_folder(args.data_dir, args.image_size, seed=args.seed)
+
+
+def build_model(args, channels: int, classes: int) -> nn.Module:
+    if args.model == "seednet":
+        return SeedNet(classes, width=args.width, in_channels=channels, bn_momentum=args.bn_momentum)
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=classes)
+    model.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = args.bn_momentum
+    return model
+
+
+def hooks_for(mode: str, args) -> list[bnguard.Hook]:
+    if mode == "off":
+        return []
+    return [bnguard.BNStatsLogger(every_n_steps=args.hist_every), bnguard.AutoRecalibrate(mode=mode)]
+
+
+def train(args, mode: str, data, output_dir: Path, accelerator: Accelerator) -> dict:
+    train_set, eval_set, channels, classes = data
+    torch.manual_seed(args.seed)
+    model = build_model(args, channels, classes)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
+    eval_loader = DataLoader(eval_set, batch_size=256, num_workers=args.num_workers)
+    scheduler = None
+    if args.schedule == "cosine":  # stepped once per optimizer step, on every process
+        steps = args.epochs * min(len(train_loader) // accelerator.num_processes or 1, args.limit_batches or 10**9)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    loop = bnguard.Loop(
+        model, optimizer, train_loader, eval_loader=eval_loader, scheduler=scheduler, accelerator=accelerator,
+        hooks=hooks_for(mode, args), epochs=args.epochs, limit_train_batches=args.limit_batches,
+        checkpoint_every_epochs=args.checkpoint_every, output_dir=output_dir, tracker=args.tracker,
+        project=args.wandb_project, run_name=f"{output_dir.name}-{mode}", seed=args.seed,
+        config={**vars(args), "bnguard": mode},
+    )
+    started = time.perf_counter()
+    loop.fit(resume_from=args.resume)
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()] \
+        if accelerator.is_main_process else []
+    return {"records": records, "seconds": time.perf_counter() - started}
+
+
+def summary_line(mode: str, result: dict) -> str:
+    records = result["records"]
+    evals = [r["eval_acc"] for r in records if "eval_acc" in r]
+    recals = sum(bool(r.get("recalibrated")) and r.get("eval_acc_before_recal") is not None for r in records)
+    return (f"[{mode}] best eval accuracy {max(evals):.4f}, final {evals[-1]:.4f}, "
+            f"{recals} recalibration(s), {result['seconds']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    data = load_data(args)  # fails with a clear error before anything is written
+    chosen = [args.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"]
+    if accelerator.num_processes > 1:  # one folder for every process
+        broadcast_object_list(chosen)
+    output_dir = Path(chosen[0])
+    modes = ["off", "auto"] if args.compare else [args.bnguard]
+    results = {}
+    for mode in modes:
+        results[mode] = train(args, mode, data, output_dir / mode if args.compare else output_dir, accelerator)
+    if accelerator.is_main_process:
+        plot = plot_accuracy({m: r["records"] for m, r in results.items()}, output_dir / "accuracy.png",
+                             title=f"{args.model} on {args.dataset}, {args.optimizer} lr {args.lr}, seed {args.seed}")
+        for mode, result in results.items():
+            print(summary_line(mode, result))
+        print(f"metrics and plot in {output_dir}: {plot}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
