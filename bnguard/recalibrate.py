@@ -124,8 +124,8 @@ class _LayerAccumulator:
 
     During the passes the layer runs with momentum 1, so its running buffers receive exactly each call's
     batch mean and unbiased variance from BatchNorm's own kernel. The buffers it writes are rows of this
-    object's chunk tensors, swapped in before each call, so the layer's real buffers are never touched;
-    full chunks are pooled into float64 moments.
+    object's chunk tensors, swapped in by a pre-hook before each call, so the layer's real buffers are never
+    touched; full chunks are pooled into float64 moments.
     """
 
     chunk = 64
@@ -134,46 +134,56 @@ class _LayerAccumulator:
         buffer = layer.running_mean
         self.means = torch.zeros(self.chunk, layer.num_features, dtype=buffer.dtype, device=buffer.device)
         self.variances = torch.zeros_like(self.means)
-        self.rows = list(zip(self.means.unbind(), self.variances.unbind()))  # views made once, not per call
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # row views, made once each, on first use
         self.calls = torch.zeros((), dtype=torch.long, device=buffer.device)
         self.counts: list[int] = []
-        self.moments = Moments.empty(layer.num_features, buffer.device)
-        self.nonfinite = torch.zeros((), dtype=torch.float64, device=buffer.device)
+        self.moments: Moments | None = None
+        self.nonfinite: torch.Tensor | None = None
         self.samples = 0
         self.batches = 0
 
     def before_call(self, layer: _BatchNorm, args: tuple) -> None:
-        # Direct dict access: this runs for every layer call, and the names are plain buffers.
-        layer._buffers["running_mean"], layer._buffers["running_var"] = self.rows[len(self.counts)]
-        layer._buffers["num_batches_tracked"] = self.calls
-
-    def after_call(self, layer: _BatchNorm, args: tuple, output: Any) -> None:
+        """Counts the call's elements and points the layer's buffers at the row the call will write."""
+        if len(self.counts) == self.chunk:  # every row written by now: pool them, free the rows
+            self.flush()
         x = args[0]
         self.counts.append(x.numel() // layer.num_features)
         self.samples += x.shape[0]
         self.batches += 1
-        if len(self.counts) == self.chunk:
-            self.flush()
+        row = len(self.counts) - 1
+        if row == len(self.rows):
+            self.rows.append((self.means[row], self.variances[row]))
+        # Direct dict access: this runs before every layer call, and the names are plain buffers.
+        layer._buffers["running_mean"], layer._buffers["running_var"] = self.rows[row]
+        layer._buffers["num_batches_tracked"] = self.calls
 
-    def flush(self) -> None:
+    def flush(self, reuse_rows: bool = True) -> None:
         rows = len(self.counts)
         if rows == 0:
             return
         counts = torch.tensor(self.counts, dtype=torch.float64).to(self.means.device, non_blocking=True)
         chunk, dropped = pool_batches(counts, self.means[:rows], self.variances[:rows])
-        self.moments = self.moments.merge(chunk)
-        self.nonfinite += dropped
-        # Momentum 1 computes 0 * old + batch: a NaN left in a row would poison the next call.
-        self.means.zero_()
-        self.variances.zero_()
+        self.moments = chunk if self.moments is None else self.moments.merge(chunk)
+        self.nonfinite = dropped if self.nonfinite is None else self.nonfinite + dropped
         self.counts = []
+        if reuse_rows:  # momentum 1 computes 0 * old + batch: a NaN left in a row would poison its next call
+            self.means.zero_()
+            self.variances.zero_()
+
+    def finish(self) -> tuple[Moments, torch.Tensor]:
+        """The pooled moments and the number of dropped (non-finite) calls of everything seen."""
+        self.flush(reuse_rows=False)
+        if self.moments is None:  # never called
+            device = self.means.device
+            return Moments.empty(self.means.shape[1], device), torch.zeros((), dtype=torch.long, device=device)
+        return self.moments, self.nonfinite
 
     def flat(self) -> torch.Tensor:
         """count, dropped batches, samples, calls, mean, M2 as one float64 vector, for the process merge."""
-        self.flush()
-        head = torch.stack([self.moments.count, self.nonfinite]).to(torch.float64)
+        moments, nonfinite = self.finish()
+        head = torch.stack([moments.count, nonfinite.double()])
         sizes = torch.tensor([self.samples, self.batches], dtype=torch.float64, device=head.device)
-        return torch.cat([head, sizes, self.moments.mean, self.moments.m2])
+        return torch.cat([head, sizes, moments.mean, moments.m2])
 
 
 def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection | None) -> dict[str, str]:
@@ -223,7 +233,6 @@ def _passes(model: nn.Module, layers: list[tuple[str, _BatchNorm]], targets: dic
                 # Per-process statistics, merged exactly afterwards, and no CPU refusal under gloo.
                 layer.forward = types.MethodType(_BatchNorm.forward, layer)
             handles.append(layer.register_forward_pre_hook(accumulator.before_call))
-            handles.append(layer.register_forward_hook(accumulator.after_call))
         yield
     finally:
         for handle in handles:
@@ -271,20 +280,28 @@ def _run_passes(
 def _merge_processes(
     targets: dict, seen_batches: int, seen_samples: int, world_size: int
 ) -> tuple[dict, int, int]:
-    """Per-layer pooled moments, identical on every process, and the global batch and sample counts."""
+    """Per layer (moments, non-finite batches, samples, calls), identical on every process, and the global
+    batch and sample counts."""
     accumulators = list(targets.values())
+    if world_size == 1:
+        finished = [accumulator.finish() for accumulator in accumulators]
+        dropped = torch.stack([n for _, n in finished]).tolist()  # one synchronization for all layers
+        pooled = {layer: (moments, int(n), a.samples, a.batches)
+                  for layer, a, (moments, _), n in zip(targets, accumulators, finished, dropped)}
+        return pooled, seen_batches, seen_samples
     local = [accumulator.flat() for accumulator in accumulators]
     sizes = [part.numel() for part in local]
     header = torch.tensor([seen_batches, seen_samples], dtype=torch.float64, device=local[0].device)
     parts = all_gather(torch.cat([header, *local]), world_size)
+    totals = torch.stack([torch.stack([p[2:].split(sizes)[i][1:4] for p in parts]).sum(dim=0)
+                          for i in range(len(sizes))]).tolist()
     pooled = {}
-    for layer, accumulator, chunks in zip(targets, accumulators, zip(*(p[2:].split(sizes) for p in parts))):
+    for layer, chunks, (dropped, samples, calls) in zip(targets, zip(*(p[2:].split(sizes) for p in parts)), totals):
         channels = layer.num_features
         moments = Moments.empty(channels, chunks[0].device)
         for chunk in chunks:  # rank order, so every process computes the same bits
             moments = moments.merge(Moments(chunk[0], chunk[4 : 4 + channels], chunk[4 + channels :]))
-        totals = torch.stack(chunks)[:, 1:4].sum(dim=0).tolist()
-        pooled[layer] = (moments, *(int(v) for v in totals))
+        pooled[layer] = (moments, int(dropped), int(samples), int(calls))
     batches, samples = torch.stack([p[:2] for p in parts]).sum(dim=0).tolist()
     return pooled, int(batches), int(samples)
 
@@ -292,7 +309,8 @@ def _merge_processes(
 def _write_statistics(
     layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], targets: dict, pooled: dict
 ) -> list[LayerReport]:
-    reports = []
+    reports: list[LayerReport | None] = []
+    movements, written = [], []
     for name, layer in layers:
         if name in reasons:
             reports.append(LayerReport(name, skipped=reasons[name]))
@@ -310,9 +328,13 @@ def _write_statistics(
         layer.running_mean.copy_(new_mean)
         layer.running_var.copy_(new_var)
         layer.num_batches_tracked.fill_(pooled_calls)
-        movement = torch.stack([shift.max(), shift.mean(), log_ratio.max(), log_ratio.mean()]).tolist()
-        reports.append(LayerReport(name, samples, calls, nonfinite, *movement))
-    return reports
+        movements.append(torch.stack([shift.max(), shift.mean(), log_ratio.max(), log_ratio.mean()]))
+        written.append((len(reports), (name, samples, calls, nonfinite)))
+        reports.append(None)
+    if movements:  # one synchronization for every layer's numbers
+        for (index, fields), movement in zip(written, torch.stack(movements).tolist()):
+            reports[index] = LayerReport(*fields, *movement)
+    return reports  # type: ignore[return-value]
 
 
 def _warn_nonfinite(layers: list[LayerReport]) -> None:

@@ -307,3 +307,31 @@ def test_report_table_and_dict():
     first = report.layers[0]
     assert first.mean_shift_max >= first.mean_shift_mean > 0
     assert first.var_log_ratio_max >= first.var_log_ratio_mean >= 0
+
+
+def test_statistics_under_bf16_autocast_are_kept_in_float32_or_better():
+    model = tiny_resnet().train()
+    batches = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+
+    def autocast_forward(m, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(batch)
+
+    captured = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.register_forward_pre_hook(
+                lambda module, args, name=name: captured.setdefault(name, []).append(args[0].detach().double()))
+    with torch.no_grad():  # the reference: the very (bf16) inputs each layer sees, pooled in float64
+        probe = copy.deepcopy(model)
+        for batch in batches:
+            autocast_forward(probe, batch)
+    bnguard.recalibrate(model, batches, forward=autocast_forward, progress=False)
+    layers = dict(model.named_modules())
+    for name, parts in captured.items():
+        if len(parts) < 3:
+            continue
+        x = torch.cat(parts[:3]).transpose(0, 1).reshape(parts[0].shape[1], -1)
+        assert layers[name].running_var.dtype == torch.float32
+        torch.testing.assert_close(layers[name].running_var.double(), x.var(dim=1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(layers[name].running_mean.double(), x.mean(dim=1), rtol=0, atol=1e-5)
