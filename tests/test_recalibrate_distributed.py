@@ -1,6 +1,5 @@
 """Real two-process gloo runs through Accelerate: every rank sees its own data, all end identical."""
 
-import copy
 
 import torch
 from accelerate import Accelerator
