@@ -19,6 +19,10 @@ BLOCK = 32 * 1024
 HEADER = 7
 
 
+class IncompleteLog(Exception):
+    """The log ends in a chunk that is not (yet) whole."""
+
+
 def records(path: Path) -> list[pb.Record]:
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B log"
@@ -32,7 +36,8 @@ def records(path: Path) -> list[pb.Record]:
         payload = data[pos + HEADER : pos + HEADER + length]
         if kind == 0 and length == 0:
             break
-        assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == checksum, "corrupt chunk"
+        if zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF != checksum:
+            raise IncompleteLog(f"{path}: chunk at byte {pos} does not match its checksum (still being written?)")
         pos += HEADER + length
         pending = payload if kind in (1, 2) else pending + payload
         if kind in (1, 4):
@@ -49,9 +54,14 @@ def finished_records(run_dir: Path, timeout: float = 30.0) -> list[pb.Record]:
     (log,) = Path(run_dir).glob("*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        found = records(log)
-        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
-            return found
+        try:
+            found = records(log)
+        except IncompleteLog:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+                return found
         time.sleep(0.05)
 
 
