@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -137,8 +138,6 @@ def _send(stats: dict[str, Any], step: int, accelerator: Any) -> None:
 
 
 def _active_wandb_run() -> Any:
-    import sys
-
     wandb = sys.modules.get("wandb")  # a run can only be active if wandb was imported
     return getattr(wandb, "run", None) if wandb is not None else None
 

@@ -293,10 +293,10 @@ def _merge_processes(
     sizes = [part.numel() for part in local]
     header = torch.tensor([seen_batches, seen_samples], dtype=torch.float64, device=local[0].device)
     parts = all_gather(torch.cat([header, *local]), world_size)
-    totals = torch.stack([torch.stack([p[2:].split(sizes)[i][1:4] for p in parts]).sum(dim=0)
-                          for i in range(len(sizes))]).tolist()
+    per_layer = list(zip(*(p[2:].split(sizes) for p in parts)))  # for each layer, every rank's vector
+    totals = torch.stack([torch.stack(chunks)[:, 1:4].sum(dim=0) for chunks in per_layer]).tolist()
     pooled = {}
-    for layer, chunks, (dropped, samples, calls) in zip(targets, zip(*(p[2:].split(sizes) for p in parts)), totals):
+    for layer, chunks, (dropped, samples, calls) in zip(targets, per_layer, totals):
         channels = layer.num_features
         moments = Moments.empty(channels, chunks[0].device)
         for chunk in chunks:  # rank order, so every process computes the same bits
