@@ -23,7 +23,6 @@ from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 
 import bnguard
-from bnguard.tracking import wandb_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from data import digits  # noqa: E402
@@ -57,7 +56,7 @@ class TimedLogger(bnguard.BNStatsLogger):
 
 class WandbWatch(bnguard.Hook):
     def on_fit_start(self, state):
-        wandb_run(state.accelerator).watch(state.unwrapped_model, log="all", log_freq=50)
+        state.accelerator.get_tracker("wandb", unwrap=True).watch(state.unwrapped_model, log="all", log_freq=50)
 
 
 def run(config: str, train_set, epochs: int) -> tuple[float, float]:

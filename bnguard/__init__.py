@@ -1,14 +1,19 @@
 """bnguard: keeps BatchNorm running statistics honest during training."""
 
-from .auto_recalibrate import AutoRecalibrate, Decision
+from .auto_recalibrate import AutoRecalibrate
+from .batches import default_forward
 from .bn_stats import BNStatsLogger, bn_statistics, log_bn_stats
 from .events import Event
-from .hooks import Hook, HookError, Hooks, State
+from .hooks import Hook, HookError, HookRunner
 from .loop import Loop
 from .metrics import accuracy
-from .recalibrate import default_forward, recalibrate
+from .policy import Decision, DivergencePolicy, Verdict
+from .precise_bn import PreciseBN
+from .recalibration import recalibrate
+from .records import RecordKeys
 from .report import LayerReport, RecalibrationReport
-from .stats import Moments
+from .run_dir import shared_output_dir
+from .state import State
 
 __version__ = "0.1.0"
 
@@ -16,18 +21,22 @@ __all__ = [
     "AutoRecalibrate",
     "BNStatsLogger",
     "Decision",
+    "DivergencePolicy",
     "Event",
     "Hook",
     "HookError",
-    "Hooks",
+    "HookRunner",
     "LayerReport",
     "Loop",
-    "Moments",
+    "PreciseBN",
     "RecalibrationReport",
+    "RecordKeys",
     "State",
+    "Verdict",
     "accuracy",
     "bn_statistics",
     "default_forward",
     "log_bn_stats",
     "recalibrate",
+    "shared_output_dir",
 ]

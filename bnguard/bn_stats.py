@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .hooks import Hook, State
+from .hooks import Hook
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
-from .tracking import tensorboard_writer, wandb_run
+from .state import State
+from .tracking import Histogram, log_histograms, log_table
+from .validation import positive_int
 
 MAX_BINS = 512  # W&B's limit
-
-
-class Histogram(NamedTuple):
-    """Bin counts and edges over a tensor's finite channels, with the exact totals TensorBoard shows."""
-
-    counts: np.ndarray
-    edges: np.ndarray
-    num: int
-    sum: float
-    sum_squares: float
 
 
 def check_bins(bins: int) -> int:
@@ -113,33 +104,9 @@ def log_bn_stats(
         return {}
     stats = bn_statistics(model, bins, include_affine)
     if stats:
-        _send(stats, step, accelerator)
+        histograms = {k: v for k, v in stats.items() if isinstance(v, Histogram)}
+        log_histograms(accelerator, histograms, {k: v for k, v in stats.items() if k not in histograms}, step)
     return stats
-
-
-def _send(stats: dict[str, Any], step: int, accelerator: Any) -> None:
-    histograms = {k: v for k, v in stats.items() if isinstance(v, Histogram)}
-    values = {k: v for k, v in stats.items() if not isinstance(v, Histogram)}
-    run = wandb_run(accelerator) if accelerator is not None else _active_wandb_run()
-    if run is not None:
-        import wandb
-
-        values.update({k: wandb.Histogram(np_histogram=(h.counts, h.edges)) for k, h in histograms.items()})
-    if accelerator is not None:
-        accelerator.log(values, step=step)
-    elif run is not None:
-        run.log(values, step=step)
-    writer = tensorboard_writer(accelerator)
-    if writer is not None:
-        for key, h in histograms.items():
-            writer.add_histogram_raw(key, min=float(h.edges[0]), max=float(h.edges[-1]), num=h.num, sum=h.sum,
-                                     sum_squares=h.sum_squares, bucket_limits=h.edges[1:].tolist(),
-                                     bucket_counts=h.counts.tolist(), global_step=step)
-
-
-def _active_wandb_run() -> Any:
-    wandb = sys.modules.get("wandb")  # a run can only be active if wandb was imported
-    return getattr(wandb, "run", None) if wandb is not None else None
 
 
 class BNStatsLogger(Hook):
@@ -156,9 +123,8 @@ class BNStatsLogger(Hook):
 
     def __init__(self, every_n_steps: int = 100, on_eval: bool = True, bins: int = 64,
                  include_affine: bool = False, input_size: tuple[int, ...] | None = None):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
-        self.every_n_steps, self.on_eval, self.bins = every_n_steps, on_eval, check_bins(bins)
+        self.every_n_steps, self.on_eval = positive_int("every_n_steps", every_n_steps), on_eval
+        self.bins = check_bins(bins)
         self.include_affine, self.input_size = include_affine, input_size
         self._logged_step: int | None = None
 
@@ -170,14 +136,10 @@ class BNStatsLogger(Hook):
             warnings.warn("BNStatsLogger: the model has no BatchNorm layer, nothing will be logged", stacklevel=2)
             return
         shapes = self._output_shapes(state)
-        run = wandb_run(state.accelerator)
-        if run is not None:
-            import wandb
-
-            columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
-            rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine,
-                     layer.track_running_stats, str(shapes.get(name, "unknown"))] for name, layer in layers]
-            run.log({"bn/layers": wandb.Table(columns=columns, data=rows)}, step=state.step)
+        columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
+        rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine,
+                 layer.track_running_stats, str(shapes.get(name, "unknown"))] for name, layer in layers]
+        log_table(state.accelerator, "bn/layers", columns, rows, state.step)
 
     def on_step_end(self, state: State) -> None:
         if state.step % self.every_n_steps == 0:
@@ -210,7 +172,7 @@ class BNStatsLogger(Hook):
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if self.input_size is not None:
             kwargs: dict[str, Any] = {"input_size": self.input_size}
-        elif state.batch_source is not None:
+        elif state.has_train_batches:
             batch = next(iter(state.train_batches()))
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
             kwargs = {"input_data": [inputs.to(device)]}

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .validation import positive_int
 
 _NAME = re.compile(r"^epoch-(\d+)$")
 
 
-@dataclass
-class Progress:
-    """Where the loop is: epochs completed, optimizer steps taken, batches drawn for recalibration."""
+class Checkpoints:
+    """The loop's checkpoint schedule: ``directory/epoch-NNNN`` (NNNN: epochs done) every ``every_epochs``
+    epochs and at the end of training; never when ``every_epochs`` is None."""
 
-    epoch: int = 0
-    step: int = 0
-    draws: int = 0
+    def __init__(self, accelerator: Any, directory: Path, every_epochs: int | None):
+        self.accelerator, self.directory = accelerator, directory
+        self.every_epochs = positive_int("checkpoint_every_epochs", every_epochs, optional=True)
 
-    def state_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def after_epoch(self, epochs_done: int) -> None:
+        if self.every_epochs and epochs_done % self.every_epochs == 0:
+            save_checkpoint(self.accelerator, self.directory, epochs_done)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    def at_end(self, epochs_done: int) -> None:
+        """The final state, unless the last epoch already saved it."""
+        if self.every_epochs and epochs_done % self.every_epochs:
+            save_checkpoint(self.accelerator, self.directory, epochs_done)
 
 
 def save_checkpoint(accelerator: Any, directory: Path, epoch: int) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,3 +38,35 @@ class MetricSums:
         loss, score, count = sums.tolist()
         count = max(count, 1.0)
         return {f"{prefix}_loss": loss / count, f"{prefix}_{metric_name}": score / count}
+
+
+def batch_targets(batch: Any) -> torch.Tensor:
+    """The targets of a batch: the second element of an ``(inputs, targets)`` pair, or ``batch["labels"]``."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, Mapping) and "labels" in batch:
+        return batch["labels"]
+    raise TypeError(f"cannot find the targets in a {type(batch).__name__} batch: expected (inputs, targets) or a "
+                    "mapping with 'labels'; pass a score function that knows the batch format")
+
+
+def batch_accuracy(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+    """:func:`accuracy` against the batch's own targets (see :func:`batch_targets`)."""
+    return accuracy(outputs, batch_targets(batch).to(outputs.device))
+
+
+@torch.no_grad()
+def evaluate_classifier(model: Any, loader: Any, accelerator: Any, loss_fn: Callable[..., torch.Tensor],
+                        metric: Metric, metric_name: str) -> dict[str, float]:
+    """Eval-mode ``eval_loss`` and ``eval_<metric_name>`` over a prepared ``(inputs, targets)`` loader, each
+    sample counted once across processes; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    sums = MetricSums(accelerator.device)
+    try:
+        for inputs, targets in loader:
+            outputs, targets = accelerator.gather_for_metrics((model(inputs), targets))
+            sums.add(loss_fn(outputs, targets), metric(outputs, targets))
+    finally:
+        model.train(was_training)
+    return sums.compute("eval", metric_name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,9 @@ class LayerReport:
     ``mean_shift_*``: |new mean - old mean| in units of the new standard deviation, over channels.
     ``var_log_ratio_*``: |log(new variance / old variance)| over channels. Both are 0 for a skipped layer.
     """
+
+    MOVEMENT: ClassVar[tuple[str, ...]] = ("mean_shift_max", "mean_shift_mean", "var_log_ratio_max",
+                                           "var_log_ratio_mean")
 
     name: str
     samples: int = 0

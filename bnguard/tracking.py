@@ -1,15 +1,30 @@
-"""Starting Accelerate's W&B and TensorBoard trackers, one at a time, so that one failing spares the rest."""
+"""Every call bnguard makes to W&B and TensorBoard: starting and finishing Accelerate's trackers, and
+logging what Accelerate's own ``log`` cannot carry (histograms, tables, alerts)."""
 
 from __future__ import annotations
 
 import netrc
 import os
+import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
+import numpy as np
+
 TRACKER_CHOICES = ("wandb", "tensorboard", "all", "none")
+
+
+class Histogram(NamedTuple):
+    """Bin counts and edges over a tensor's finite values, with the exact totals TensorBoard shows."""
+
+    counts: np.ndarray
+    edges: np.ndarray
+    num: int
+    sum: float
+    sum_squares: float
 
 
 def tracker_names(tracker: str | list[str] | None) -> list[str]:
@@ -70,17 +85,71 @@ def start_trackers(
             print(f"W&B run written offline to {run_dir}\n  upload it later with: wandb sync {run_dir}")
 
 
-def wandb_run(accelerator: Any) -> Any:
-    """The live W&B run on this process, or None."""
-    for tracker in getattr(accelerator, "trackers", []):
-        if tracker.name == "wandb":
-            return tracker.run
-    return None
+def finish(accelerator: Any) -> None:
+    """Finishes every tracker this process started (files flushed, W&B run closed)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
 
 
-def tensorboard_writer(accelerator: Any) -> Any:
-    """The TensorBoard SummaryWriter on this process, or None."""
-    for tracker in getattr(accelerator, "trackers", []):
-        if tracker.name == "tensorboard":
-            return tracker.writer
-    return None
+def log_histograms(accelerator: Any, histograms: dict[str, Histogram], values: dict[str, Any], step: int) -> None:
+    """Histograms and plain values at ``step``: histograms to W&B as ``wandb.Histogram`` and to TensorBoard
+    through ``add_histogram_raw`` (Accelerate's TensorBoard tracker drops them), values to every tracker.
+    Without an ``accelerator``, to the active ``wandb.run``, if any."""
+    run = _wandb_run(accelerator)
+    if run is not None:
+        import wandb
+
+        values = {**values, **{k: wandb.Histogram(np_histogram=(h.counts, h.edges)) for k, h in histograms.items()}}
+    if accelerator is not None:
+        accelerator.log(values, step=step)
+    elif run is not None:
+        run.log(values, step=step)
+    writer = _tensorboard_writer(accelerator)
+    if writer is not None:
+        for key, h in histograms.items():
+            writer.add_histogram_raw(key, min=float(h.edges[0]), max=float(h.edges[-1]), num=h.num, sum=h.sum,
+                                     sum_squares=h.sum_squares, bucket_limits=h.edges[1:].tolist(),
+                                     bucket_counts=h.counts.tolist(), global_step=step)
+
+
+def log_table(accelerator: Any, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+    """A table at ``step``, to W&B only (TensorBoard has no tables)."""
+    run = _wandb_run(accelerator)
+    if run is not None:
+        import wandb
+
+        run.log({key: wandb.Table(columns=list(columns), data=[list(row) for row in rows])}, step=step)
+
+
+def alert(accelerator: Any, title: str, text: str) -> bool:
+    """A W&B alert (e-mail / Slack) when the run is online; returns whether one was sent."""
+    run = _wandb_run(accelerator)
+    if run is None or run.settings.mode != "online":
+        return False
+    import wandb
+
+    run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+    return True
+
+
+def _wandb_run(accelerator: Any) -> Any:
+    """The W&B run of ``accelerator`` on this process, or without one the active ``wandb.run``; else None."""
+    if accelerator is None:
+        wandb = sys.modules.get("wandb")  # a run can only be active if wandb was imported
+        return getattr(wandb, "run", None) if wandb is not None else None
+    return _unwrapped(accelerator, "wandb")
+
+
+def _tensorboard_writer(accelerator: Any) -> Any:
+    return _unwrapped(accelerator, "tensorboard") if accelerator is not None else None
+
+
+def _unwrapped(accelerator: Any, name: str) -> Any:
+    """The named tracker's own object (W&B run, SummaryWriter), or None where this process has none."""
+    if not accelerator.trackers:  # get_tracker would hand back a blank stand-in
+        return None
+    try:
+        return accelerator.get_tracker(name, unwrap=True)
+    except ValueError:  # other trackers, not this one
+        return None

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.train()
         return {"eval_acc": correct / total}
 
-    hooks = bnguard.Hooks([PrintEval()], accelerator=accelerator, model=model, optimizer=optimizer,
-                          evaluate=evaluate, train_batches=lambda: train_loader)
+    hooks = bnguard.HookRunner([PrintEval()], accelerator=accelerator, model=model, optimizer=optimizer,
+                               evaluate=evaluate, train_batches=lambda: train_loader)
     hooks.fire(bnguard.Event.FIT_START)
     step = 0
     for epoch in range(args.epochs):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list
+from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bnguard", choices=["auto", "off", "always", "monitor"], default="auto",
                    help="auto: BNStatsLogger + AutoRecalibrate (default); off: plain running statistics, the "
-                        "baseline; always: recalibrate before every evaluation; monitor: detect and report only")
+                        "baseline; always: BNStatsLogger + PreciseBN, recalibrating before every evaluation; "
+                        "monitor: AutoRecalibrate(report_only=True), detect and report only")
     p.add_argument("--compare", action="store_true", help="run 'off' and 'auto' with the same seed, plot both")
     p.add_argument("--model", choices=["seednet", "resnet18"], default="seednet",
                    help="seednet: the question's network (7x7 stem, 8 residual blocks, 17 BN layers); "
@@ -97,7 +98,9 @@ def build_model(args, channels: int, classes: int) -> nn.Module:
 def hooks_for(mode: str, args) -> list[bnguard.Hook]:
     if mode == "off":
         return []
-    return [bnguard.BNStatsLogger(every_n_steps=args.hist_every), bnguard.AutoRecalibrate(mode=mode)]
+    repair = {"auto": bnguard.AutoRecalibrate(), "always": bnguard.PreciseBN(),
+              "monitor": bnguard.AutoRecalibrate(report_only=True)}[mode]
+    return [bnguard.BNStatsLogger(every_n_steps=args.hist_every), repair]
 
 
 def train(args, mode: str, data, output_dir: Path, accelerator: Accelerator) -> dict:
@@ -141,10 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     data = load_data(args)  # fails with a clear error before anything is written
-    chosen = [args.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"]
-    if accelerator.num_processes > 1:  # one folder for every process
-        broadcast_object_list(chosen)
-    output_dir = Path(chosen[0])
+    output_dir = bnguard.shared_output_dir(accelerator, args.output_dir)
     modes = ["off", "auto"] if args.compare else [args.bnguard]
     results = {}
     for mode in modes:

@@ -7,9 +7,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnguard
-from bnguard import AutoRecalibrate, Hook
-from bnguard.auto_recalibrate import STALE, UNEXPLAINED
+from bnguard import AutoRecalibrate, Hook, Verdict
 from helpers import assert_same_tensors, buffers_of, launch_two_processes, tiny_resnet, toy_data, toy_loop
+
+
+STALE, UNEXPLAINED = Verdict.STALE, Verdict.UNEXPLAINED
 
 
 def freeze_statistics(loop):
@@ -86,21 +88,22 @@ def test_agreeing_train_and_eval_never_trigger():
         decision = guard.check(nn.BatchNorm1d(2), eval_value=evaluation, train_value=train,
                                evaluate=never, batches=never)
         assert not decision.triggered and not decision.recalibrated
-    assert guard.best == 0.96 and [h["reason"] for h in guard.history] == ["within thresholds"] * 3
+    assert guard.policy.best == 0.96 and [h["reason"] for h in guard.history] == ["within thresholds"] * 3
 
 
 def test_a_drop_below_the_best_triggers_and_loss_works_lower_is_better():
-    guard = AutoRecalibrate(mode="monitor")
+    guard = AutoRecalibrate(report_only=True)
     assert not guard.check(nn.BatchNorm1d(2), eval_value=0.90, evaluate=None, batches=None).triggered
     assert guard.check(nn.BatchNorm1d(2), eval_value=0.85, evaluate=None, batches=None).triggered
-    loss_guard = AutoRecalibrate(mode="monitor", metric="loss", higher_is_better=False, gap_threshold=0.2)
-    assert not loss_guard.check(nn.BatchNorm1d(2), eval_value=0.5, train_value=0.4, evaluate=None, batches=None).triggered
+    loss_guard = AutoRecalibrate(report_only=True, monitor="loss", higher_is_better=False, gap_threshold=0.2)
+    assert not loss_guard.check(nn.BatchNorm1d(2), eval_value=0.5, train_value=0.4, evaluate=None,
+                                batches=None).triggered
     decision = loss_guard.check(nn.BatchNorm1d(2), eval_value=0.9, train_value=0.4, evaluate=None, batches=None)
     assert decision.triggered and decision.gap == pytest.approx(0.5) and decision.drop == pytest.approx(0.4)
 
 
 def test_patience_waits_for_consecutive_evaluations():
-    guard = AutoRecalibrate(mode="monitor", patience=2)
+    guard = AutoRecalibrate(report_only=True, patience=2)
     triggered = [guard.check(nn.BatchNorm1d(2), eval_value=e, train_value=1.0, evaluate=None, batches=None).triggered
                  for e in (0.9, 0.99, 0.9, 0.9, 0.9)]
     assert triggered == [False, False, False, True, True]
@@ -142,25 +145,13 @@ def test_monitor_changes_no_buffer(tmp_path):
     plain = toy_loop(tmp_path / "plain", epochs=2, n_train=64, n_eval=64)
     freeze_statistics(plain)
     plain.fit()
-    watched = toy_loop(tmp_path / "watched", hooks=[AutoRecalibrate(mode="monitor")], epochs=2, n_train=64, n_eval=64)
+    watched = toy_loop(tmp_path / "watched", hooks=[AutoRecalibrate(report_only=True)], epochs=2, n_train=64, n_eval=64)
     freeze_statistics(watched)
     watched.fit()
     assert_same_tensors(buffers_of(plain.model), buffers_of(watched.model))
     rows = records(tmp_path / "watched")
     assert all(r["recalibrated"] is False and "monitor mode" in r["reason"] for r in rows)
     assert [r["eval_acc"] for r in rows] == [r["eval_acc"] for r in records(tmp_path / "plain")]
-
-
-def test_always_recalibrates_before_every_evaluation(tmp_path):
-    reports = []
-
-    class Count(Hook):
-        def on_recalibrated(self, state):
-            reports.append(state.recalibration)
-
-    toy_loop(tmp_path, hooks=[AutoRecalibrate(mode="always"), Count()], epochs=3).fit()
-    assert len(reports) == 3
-    assert all(r["recalibrated"] and r["reason"] == "always" and r["recal_samples"] == 24 for r in records(tmp_path))
 
 
 def test_resume_makes_the_same_decisions(tmp_path):
@@ -173,7 +164,7 @@ def test_resume_makes_the_same_decisions(tmp_path):
 
     guard = AutoRecalibrate(recovery_margin=0.05)
     loop = memorizing_loop(tmp_path / "resumed", guard, checkpoint_every_epochs=1)
-    loop.hooks.hooks.append(Interrupt())
+    loop.runner.hooks.append(Interrupt())
     with pytest.raises(KeyboardInterrupt):
         loop.fit()
     resumed_guard = AutoRecalibrate(recovery_margin=0.05)
@@ -187,15 +178,15 @@ def test_resume_makes_the_same_decisions(tmp_path):
 
 
 def test_state_dict_round_trip():
-    guard = AutoRecalibrate(mode="monitor")
+    guard = AutoRecalibrate(report_only=True)
     guard.check(nn.BatchNorm1d(2), eval_value=0.8, train_value=0.9, evaluate=None, batches=None)
-    guard.best, guard.cooldown, guard.backoff = 0.8, 2, 4
+    guard.policy.best, guard.policy.cooldown, guard.policy.backoff = 0.8, 2, 4
     other = AutoRecalibrate()
     other.load_state_dict(copy.deepcopy(guard.state_dict()))
     assert other.state_dict() == guard.state_dict()
 
 
-@pytest.mark.parametrize("kwargs, message", [({"mode": "sometimes"}, "mode must be one of"),
+@pytest.mark.parametrize("kwargs, message", [({"max_cooldown": 0}, "max_cooldown must be"),
                                              ({"patience": 0}, "patience must be"),
                                              ({"num_samples": -5}, "num_samples must be")])
 def test_bad_settings(kwargs, message):
@@ -215,7 +206,7 @@ def _decide_on_two_ranks(out_dir: str):
     loop = toy_loop(out_dir, hooks=[AutoRecalibrate()], epochs=2, n_train=64, n_eval=30, accelerator=accelerator)
     freeze_statistics(loop)
     loop.fit()
-    guard = loop.hooks.hooks[0]
+    guard = loop.runner.hooks[0]
     torch.save({"history": guard.history, "buffers": buffers_of(accelerator.unwrap_model(loop.model))},
                f"{out_dir}/rank{accelerator.process_index}.pt")
 

@@ -104,7 +104,7 @@ def test_invalid_bins(bins):
 
 def test_model_without_batchnorm_warns_once(tmp_path):
     logger = bnguard.BNStatsLogger()
-    hooks = bnguard.Hooks([logger], model=nn.Linear(2, 2))
+    hooks = bnguard.HookRunner([logger], model=nn.Linear(2, 2))
     with pytest.warns(UserWarning, match="no BatchNorm layer"):
         hooks.fire("on_fit_start")
     assert bnguard.log_bn_stats(nn.Linear(2, 2), 0) == {}

@@ -20,7 +20,7 @@ class Log(Hook):
 
 def test_dispatcher_updates_state_then_calls_hooks_in_list_order():
     seen = []
-    hooks = bnguard.Hooks([Log("a", seen), Log("b", seen)])
+    hooks = bnguard.HookRunner([Log("a", seen), Log("b", seen)])
     hooks.fire(Event.STEP_END, step=7)
     hooks.fire("on_step_end", step=8)
     assert seen == [("a", 7), ("b", 7), ("a", 8), ("b", 8)]
@@ -31,7 +31,7 @@ def test_dispatcher_updates_state_then_calls_hooks_in_list_order():
 
 
 def test_state_helpers_say_what_is_missing():
-    state = bnguard.Hooks([]).state
+    state = bnguard.HookRunner([]).state
     with pytest.raises(RuntimeError, match="evaluate="):
         state.evaluate()
     with pytest.raises(RuntimeError, match="train_batches="):
@@ -46,3 +46,21 @@ def test_own_loop_example_runs_the_hooks(capsys):
     assert [epoch for epoch, _ in lines] == ["1", "2"]
     assert float(lines[-1][1]) == pytest.approx(metrics["eval_acc"], abs=5e-4)
     assert metrics["eval_acc"] * 450 == pytest.approx(round(metrics["eval_acc"] * 450))  # 450 eval digits
+
+
+def test_state_says_what_the_loop_gave_it():
+    bare = bnguard.HookRunner([]).state
+    assert not bare.has_evaluation and not bare.has_train_batches
+    given = bnguard.HookRunner([], evaluate=lambda: {"eval_acc": 0.5}, train_batches=lambda: [[1]]).state
+    assert given.has_evaluation and given.has_train_batches
+    assert given.evaluate() == {"eval_acc": 0.5} and given.train_batches() == [[1]]
+    with pytest.raises(AttributeError, match="no field 'evaluate' to update"):
+        bnguard.HookRunner([]).fire(Event.STEP_END, evaluate=None)
+
+
+def test_state_checkpoints_where_the_run_is():
+    runner = bnguard.HookRunner([])
+    runner.fire(Event.EPOCH_START, epoch=3, step=120)
+    restored = bnguard.HookRunner([]).state
+    restored.load_state_dict(runner.state.state_dict())
+    assert (restored.epoch, restored.step) == (3, 120)

@@ -1,0 +1,96 @@
+"""Batches: what a model is called with, how many samples one holds, and extra training batches drawn for
+recalibration without disturbing the training run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from .isolation import preserved_rng
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """A tensor is the input; a tuple/list's first element is; a mapping is passed as keyword arguments."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors in a batch (nested in tuples, lists, dicts) moved to `device`; anything else as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
+def batch_size(batch: Any, required: bool) -> int:
+    """Samples in a batch: the leading size of its first tensor (0 if none, or an error when ``required``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        size = batch_size(value, required=False)
+        if size:
+            return size
+    if required:
+        raise TypeError(
+            f"num_samples needs batches holding a tensor to count samples in, got {type(batch).__name__}; "
+            "use num_batches instead"
+        )
+    return 0
+
+
+def side_batches(loader: DataLoader, *, seed: int, rank: int, world_size: int) -> Iterator[Any]:
+    """This process's share of a fresh shuffle of ``loader``'s dataset, batched like ``loader``.
+
+    The shuffle comes from its own generator seeded with ``seed`` and no global random state is left
+    changed, so the training loader's order and the run's random stream are exactly as without it. A short
+    last batch is dropped when there is a full one: BatchNorm cannot train-normalize a batch of one, and a
+    handful of samples normalized among themselves would not be representative anyway.
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        raise TypeError("drawing recalibration batches needs a map-style training dataset (with __getitem__)")
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(loader.dataset), generator=generator)[rank::world_size].tolist()
+    side = DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size or 1,
+        sampler=indices,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        generator=generator,
+        drop_last=len(indices) >= (loader.batch_size or 1),
+    )
+    with preserved_rng():
+        yield from side
+
+
+class TrainingBatches:
+    """The training batches a loop offers its hooks: each call is a new shuffle of the raw (unprepared)
+    training loader's dataset, this process's share of it. The number of draws is checkpointed, so a
+    resumed run draws the same samples as an uninterrupted one."""
+
+    def __init__(self, loader: DataLoader, *, seed: int, rank: int, world_size: int):
+        self.loader, self.seed, self.rank, self.world_size = loader, seed, rank, world_size
+        self.draws = 0
+
+    def __call__(self) -> Iterator[Any]:
+        self.draws += 1
+        return side_batches(self.loader, seed=self.seed * 1_000_003 + self.draws, rank=self.rank,
+                            world_size=self.world_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.draws = state["draws"]

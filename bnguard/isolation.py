@@ -1,0 +1,55 @@
+"""Running a model with its BatchNorm layers in train mode, and leaving everything exactly as it was."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restores the torch (CPU and CUDA), Python and NumPy global random states on exit."""
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextmanager
+def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm]) -> Iterator[None]:
+    """Puts ``layers`` in train mode (every other module keeps its mode) with the running buffers of every
+    BatchNorm layer of ``model`` swapped for scratch copies, so forward passes inside write no statistic.
+
+    On exit, whatever happens: the original buffer tensors are back in place, untouched, and every module's
+    mode and the global random states are as before (dropout inside draws from the same stream as it would
+    have without the passes).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    saved = {layer: dict(layer._buffers) for _, layer in batchnorm_layers(model)
+             if tracks_statistics(layer) and not is_uninitialized(layer)}
+    with preserved_rng():
+        try:
+            for layer, buffers in saved.items():
+                layer._buffers.update({k: v.clone() if v is not None else None for k, v in buffers.items()})
+            for layer in layers:
+                layer.training = True
+            yield
+        finally:
+            for layer, buffers in saved.items():
+                layer._buffers.update(buffers)
+            for module, training in modes:
+                module.training = training

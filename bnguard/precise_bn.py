@@ -1,0 +1,61 @@
+"""Scheduled recalibration: exact BatchNorm statistics before evaluations, whatever they would show."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .hooks import Hook
+from .recalibration import recalibrate
+from .records import RecordKeys
+from .state import State
+from .validation import positive_int
+
+
+class PreciseBN(Hook):
+    """Recalibrates the BatchNorm statistics on up to ``num_samples`` training samples before every
+    ``every_n_evals``-th evaluation (at EVAL_START), so that those evaluations see statistics estimated for
+    the weights being evaluated. Records ``recalibrated``, ``reason``, ``recal_seconds`` and
+    ``recal_samples`` (see :class:`~bnguard.RecordKeys`) for every evaluation.
+
+    Unlike :class:`~bnguard.AutoRecalibrate` it does not look at the metrics first: it costs a recalibration
+    per scheduled evaluation and never lets stale statistics reach one.
+    """
+
+    def __init__(self, every_n_evals: int = 1, *, num_samples: int = 4096):
+        self.every_n_evals = positive_int("every_n_evals", every_n_evals)
+        self.num_samples = positive_int("num_samples", num_samples)
+        self.evaluations = 0
+        self._outcome: dict[str, Any] = {}
+
+    def on_fit_start(self, state: State) -> None:
+        if not state.has_train_batches:
+            raise ValueError("PreciseBN needs training batches to recalibrate on: pass train_batches= to the runner")
+
+    def on_eval_start(self, state: State) -> None:
+        self.evaluations += 1
+        if self.evaluations % self.every_n_evals:
+            self._outcome = {RecordKeys.RECALIBRATED: False, RecordKeys.SECONDS: 0.0, RecordKeys.SAMPLES: 0,
+                             RecordKeys.REASON: f"not scheduled: every {self.every_n_evals} evaluations"}
+            return
+        started = time.perf_counter()
+        report = recalibrate(state.model, state.train_batches(), num_samples=self.num_samples,
+                             accelerator=state.accelerator, progress=False)
+        seconds = time.perf_counter() - started
+        self._outcome = {RecordKeys.RECALIBRATED: True, RecordKeys.SECONDS: seconds,
+                         RecordKeys.SAMPLES: report.samples, RecordKeys.REASON: self._schedule()}
+        state.recalibrated(report)
+
+    def on_eval_end(self, state: State) -> None:
+        state.record.update(self._outcome)
+        state.log({"bnguard/recalibrated": float(self._outcome[RecordKeys.RECALIBRATED]),
+                   "bnguard/recal_seconds": self._outcome[RecordKeys.SECONDS]})
+
+    def _schedule(self) -> str:
+        return "always" if self.every_n_evals == 1 else f"scheduled: every {self.every_n_evals} evaluations"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evaluations = state["evaluations"]

@@ -1,0 +1,230 @@
+"""Re-estimating BatchNorm running statistics for the current weights ("precise BN")."""
+
+from __future__ import annotations
+
+import time
+import types
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterator, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
+from tqdm.auto import tqdm
+
+from .accumulator import LayerAccumulator, LayerTotals, merge_processes
+from .batches import batch_size, default_forward, to_device
+from .console import show_progress
+from .distributed import process_info, split_budget
+from .isolation import batchnorm_in_train_mode
+from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
+from .report import LayerReport, RecalibrationReport
+from .validation import positive_int
+
+Forward = Callable[[nn.Module, Any], Any]
+LayerSelection = Union[Iterable[nn.Module], Callable[[str, nn.Module], bool]]
+
+
+@torch.no_grad()
+def recalibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    num_samples: int | None = None,
+    num_batches: int | None = None,
+    forward: Forward | None = None,
+    accelerator: Any = None,
+    modules: LayerSelection | None = None,
+    progress: bool = True,
+) -> RecalibrationReport:
+    """Re-estimates ``running_mean`` / ``running_var`` of the model's BatchNorm layers for its current weights.
+
+    Runs ``forward(model, batch)`` without gradients over ``batches`` (default: :func:`default_forward`, with
+    tensors moved to the model's device) and stores in every recalibrated layer the exact pooled statistics
+    of all the elements it saw: the count-weighted mean and the unbiased variance of their union, spread of
+    the batch means included, merged in float64. Returns a :class:`RecalibrationReport`.
+
+    1. Only the recalibrated BatchNorm layers are in train mode during the passes; every other module keeps
+       its mode, so dropout stays on in a model left in train mode. Afterwards modes, momenta, hooks,
+       parameters, gradients, optimizer state and the global random states are exactly as before.
+    2. Atomic: the buffers are not touched until every pass (and the cross-process merge) has succeeded. An
+       exception, KeyboardInterrupt included, leaves them bit-identical and propagates.
+    3. ``num_batches_tracked`` of a recalibrated layer afterwards holds the number of layer calls pooled into
+       its statistics (over all processes), so a ``momentum=None`` layer that keeps training weighs the
+       estimate as that many batches.
+    4. ``num_samples`` / ``num_batches`` are global budgets, shared out between processes; iteration stops at
+       whichever is reached first, the batch that reaches ``num_samples`` being used whole.
+    5. Distributed (``accelerator`` given, or a process group initialized): each process runs its own batches
+       and the per-layer statistics are merged exactly in rank order, so every rank ends with bit-identical
+       buffers. Every process must call this; an exception on one rank leaves the others waiting in the merge.
+       SyncBatchNorm layers normalize with per-process batch statistics during the passes.
+    6. Skipped, with the reason in the report: layers with ``track_running_stats=False``, uninitialized lazy
+       layers (the forward passes initialize them as any forward would), layers left out by ``modules`` (an
+       iterable of layers, or a ``(name, layer) -> bool`` filter), and layers that saw no input. A layer
+       called more than once per forward pools every call. A batch whose statistics are not finite is left
+       out for that layer and counted; a layer with no finite batch keeps its old statistics.
+    7. Under autocast the statistics come from BatchNorm's own kernel, which computes them in float32 for
+       half-precision inputs (in float64 accumulation on the CPU).
+    """
+    num_samples = positive_int("num_samples", num_samples, optional=True)
+    num_batches = positive_int("num_batches", num_batches, optional=True)
+    started = time.perf_counter()
+    rank, world_size = process_info(accelerator)
+    inner = unwrap_model(model)
+    layers = list(batchnorm_layers(inner))
+    if not layers:
+        warnings.warn(f"{type(inner).__name__} has no BatchNorm layer: nothing to recalibrate", stacklevel=2)
+        return RecalibrationReport()
+
+    reasons = _skip_reasons(layers, modules)
+    accumulators = {layer: LayerAccumulator(layer) for name, layer in layers if name not in reasons}
+    if not accumulators:
+        return RecalibrationReport([LayerReport(name=name, skipped=reasons[name]) for name, _ in layers])
+
+    device = next(iter(accumulators)).running_mean.device
+    if forward is None:
+        forward = lambda module, batch: default_forward(module, to_device(batch, device))  # noqa: E731
+    batch_budget = split_budget(num_batches, rank, world_size)
+    bar = tqdm(desc="recalibrating BatchNorm", unit="batch", total=_expected_batches(batches, batch_budget),
+               disable=not show_progress(progress, rank == 0), leave=False)
+    with bar, _passes(inner, accumulators):
+        seen_batches, seen_samples = _run_passes(
+            inner, batches, forward, batch_budget, split_budget(num_samples, rank, world_size), bar
+        )
+        totals, all_batches, all_samples = merge_processes(accumulators, seen_batches, seen_samples, world_size)
+    if all_batches == 0:
+        raise ValueError("batches is empty: recalibration needs at least one batch of training data")
+    report = _write_statistics(layers, reasons, totals)
+    _warn_nonfinite(report)
+    return RecalibrationReport(layers=report, batches=all_batches, samples=all_samples,
+                               seconds=time.perf_counter() - started)
+
+
+def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection | None) -> dict[str, str]:
+    if modules is None:
+        chosen = None
+    elif callable(modules) and not isinstance(modules, nn.Module):
+        chosen = {id(layer) for name, layer in layers if modules(name, layer)}
+    else:
+        selection = list(modules)
+        foreign = [m for m in selection if not isinstance(m, _BatchNorm)]
+        if foreign:
+            raise ValueError(
+                f"modules must select BatchNorm layers of the model, got {type(foreign[0]).__name__}; "
+                "pass the layers themselves or a (name, layer) -> bool filter"
+            )
+        chosen = {id(m) for m in selection}
+    reasons = {}
+    for name, layer in layers:
+        if not tracks_statistics(layer):
+            reasons[name] = "track_running_stats=False"
+        elif is_uninitialized(layer):
+            reasons[name] = "uninitialized lazy layer"
+        elif chosen is not None and id(layer) not in chosen:
+            reasons[name] = "excluded"
+    return reasons
+
+
+@contextmanager
+def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator]) -> Iterator[None]:
+    """The recalibrated layers in train mode at momentum 1, each feeding its accumulator; every change,
+    and every buffer, restored whatever happens."""
+    momenta = {layer: layer.momentum for layer in accumulators}
+    own_forward = {layer: layer.__dict__.get("forward") for layer in accumulators}
+    handles = []
+    with batchnorm_in_train_mode(model, accumulators):
+        try:
+            for layer, accumulator in accumulators.items():
+                layer.momentum = 1.0
+                if isinstance(layer, SyncBatchNorm):
+                    # Per-process statistics, merged exactly afterwards, and no CPU refusal under gloo.
+                    layer.forward = types.MethodType(_BatchNorm.forward, layer)
+                handles.append(layer.register_forward_pre_hook(accumulator.before_call))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer, momentum in momenta.items():
+                layer.momentum = momentum
+            for layer, method in own_forward.items():
+                if method is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.forward = method
+
+
+def _run_passes(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Forward,
+    batch_budget: int | None,
+    sample_budget: int | None,
+    bar: tqdm,
+) -> tuple[int, int]:
+    seen_batches = seen_samples = 0
+    iterator = iter(batches)
+    while (batch_budget is None or seen_batches < batch_budget) and (
+        sample_budget is None or seen_samples < sample_budget
+    ):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        forward(model, batch)
+        seen_batches += 1
+        seen_samples += batch_size(batch, required=sample_budget is not None)
+        bar.update()
+    return seen_batches, seen_samples
+
+
+def _write_statistics(
+    layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], totals: dict[_BatchNorm, LayerTotals]
+) -> list[LayerReport]:
+    reports: list[LayerReport | None] = []
+    movements, written = [], []
+    for name, layer in layers:
+        if name in reasons:
+            reports.append(LayerReport(name=name, skipped=reasons[name]))
+            continue
+        seen = totals[layer]
+        counts = {"name": name, "samples": seen.samples, "batches": seen.calls, "nonfinite_batches": seen.nonfinite}
+        pooled_calls = seen.calls - seen.nonfinite
+        if seen.calls == 0 or pooled_calls == 0:
+            reports.append(LayerReport(**counts, skipped="saw no input" if seen.calls == 0
+                                       else "no batch with finite statistics"))
+            continue
+        new_mean, new_var = seen.moments.mean, seen.moments.variance(unbiased=True)
+        old_mean, old_var = layer.running_mean.double(), layer.running_var.double()
+        shift = (new_mean - old_mean).abs() / (new_var + layer.eps).sqrt()
+        log_ratio = ((new_var + layer.eps) / (old_var + layer.eps)).log().abs()
+        layer.running_mean.copy_(new_mean)
+        layer.running_var.copy_(new_var)
+        layer.num_batches_tracked.fill_(pooled_calls)
+        movements.append(torch.stack([shift.max(), shift.mean(), log_ratio.max(), log_ratio.mean()]))
+        written.append((len(reports), counts))
+        reports.append(None)
+    if movements:  # one synchronization for every layer's numbers
+        for (index, counts), movement in zip(written, torch.stack(movements).tolist()):
+            reports[index] = LayerReport(**counts, **dict(zip(LayerReport.MOVEMENT, movement)))
+    return reports  # type: ignore[return-value]
+
+
+def _warn_nonfinite(layers: list[LayerReport]) -> None:
+    affected = [layer for layer in layers if layer.nonfinite_batches]
+    if affected:
+        worst = max(affected, key=lambda layer: layer.nonfinite_batches)
+        warnings.warn(
+            f"{len(affected)} BatchNorm layer(s) saw batches with non-finite statistics (NaN/Inf input), "
+            f"left out of the estimate: up to {worst.nonfinite_batches} batch(es), at {worst.name!r}",
+            stacklevel=3,
+        )
+
+
+def _expected_batches(batches: Iterable[Any], budget: int | None) -> int | None:
+    try:
+        length = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return budget
+    return length if budget is None else min(length, budget)

@@ -1,0 +1,54 @@
+"""The per-epoch records: the keys bnguard's hooks add, and the ``metrics.jsonl`` file the loop writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class RecordKeys:
+    """Keys that :class:`~bnguard.AutoRecalibrate` and :class:`~bnguard.PreciseBN` add to each epoch's record
+    (``state.record``, one line of ``metrics.jsonl``)."""
+
+    RECALIBRATED = "recalibrated"  # whether the statistics were recalibrated at this evaluation
+    REASON = "reason"  # why (or why not), in words
+    SECONDS = "recal_seconds"  # time spent recalibrating (and re-evaluating)
+    SAMPLES = "recal_samples"  # samples the statistics were estimated from, over all processes
+    DIAGNOSIS = "diagnosis"  # a bnguard.Verdict value, or None
+
+    @staticmethod
+    def before_recal(eval_key: str) -> str:
+        """The key of the eval value measured before an automatic recalibration, e.g. ``eval_acc_before_recal``."""
+        return f"{eval_key}_before_recal"
+
+
+class RecordWriter:
+    """Appends one JSON line per epoch to ``metrics.jsonl`` on the main process, and echoes it on the
+    console when no progress bar shows the run."""
+
+    def __init__(self, path: Path, *, is_main_process: bool, echo: bool):
+        self.path, self.is_main_process, self.echo = path, is_main_process, echo
+
+    def open(self, epochs_done: int) -> None:
+        """Keeps the records of the epochs already done (all of them on resume), atomically."""
+        if not self.is_main_process:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        partial = self.path.with_suffix(".jsonl.partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        partial.replace(self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.is_main_process:
+            return
+        with self.path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        if self.echo:
+            shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in record.items() if isinstance(v, (int, float, str)))
+            print(shown, flush=True)

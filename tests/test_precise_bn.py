@@ -1,0 +1,86 @@
+"""PreciseBN: scheduled recalibration before evaluations."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import bnguard
+from bnguard import Hook, PreciseBN
+from helpers import assert_same_tensors, buffers_of, toy_loop
+
+
+def records(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+class Count(Hook):
+    def __init__(self):
+        self.reports = []
+
+    def on_recalibrated(self, state):
+        self.reports.append(state.recalibration)
+
+
+def test_always_recalibrates_before_every_evaluation(tmp_path):
+    counter = Count()
+    reports = counter.reports
+    toy_loop(tmp_path, hooks=[PreciseBN(), counter], epochs=3).fit()
+    assert len(reports) == 3
+    assert all(r["recalibrated"] and r["reason"] == "always" and r["recal_samples"] == 24 for r in records(tmp_path))
+
+
+class Snapshot(Hook):
+    """The buffers each evaluation sees, and the model right after the last training step."""
+
+    def __init__(self):
+        self.at_eval, self.after_training = [], None
+
+    def on_train_epoch_end(self, state):
+        self.after_training = copy.deepcopy(state.unwrapped_model)
+
+    def on_eval_end(self, state):
+        self.at_eval.append(buffers_of(state.unwrapped_model))
+
+
+def test_every_second_evaluation_sees_exact_statistics(tmp_path):
+    counter, snapshot = Count(), Snapshot()
+    loop = toy_loop(tmp_path, hooks=[PreciseBN(every_n_evals=2), counter, snapshot], epochs=4)
+    loop.fit()
+    rows = records(tmp_path)
+    assert [r["recalibrated"] for r in rows] == [False, True, False, True]
+    assert rows[0]["reason"] == "not scheduled: every 2 evaluations"
+    assert rows[1]["reason"] == "scheduled: every 2 evaluations" and rows[1]["recal_samples"] == 24
+    assert len(counter.reports) == 2
+    # the last evaluation saw the statistics recalibrate() gives for the final weights on the same draw
+    expected = snapshot.after_training
+    loop.train_batches.draws -= 1  # the loop's own source, replaying its last draw
+    bnguard.recalibrate(expected, loop.train_batches(), num_samples=4096, progress=False)
+    assert_same_tensors(buffers_of(expected), snapshot.at_eval[-1])
+
+
+def test_needs_training_batches():
+    runner = bnguard.HookRunner([PreciseBN()], model=torch.nn.BatchNorm1d(2))
+    with pytest.raises(bnguard.HookError, match="PreciseBN needs training batches"):
+        runner.fire("on_fit_start")
+
+
+@pytest.mark.parametrize("kwargs, error", [({"every_n_evals": 0}, ValueError), ({"num_samples": 2.5}, TypeError)])
+def test_bad_settings(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        PreciseBN(**kwargs)
+
+
+def test_resume_continues_the_schedule(tmp_path):
+    whole = toy_loop(tmp_path / "whole", hooks=[PreciseBN(every_n_evals=2)], epochs=3, checkpoint_every_epochs=1)
+    whole.fit()
+    first = toy_loop(tmp_path / "resumed", hooks=[PreciseBN(every_n_evals=2)], epochs=1, checkpoint_every_epochs=1)
+    first.fit()
+    resumed = toy_loop(tmp_path / "resumed", hooks=[PreciseBN(every_n_evals=2)], epochs=3, checkpoint_every_epochs=1)
+    resumed.fit(resume_from="latest")
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "recal_seconds")} for r in rows]
+
+    assert strip(records(tmp_path / "resumed")) == strip(records(tmp_path / "whole"))
