@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.train()
         return {"eval_acc": correct / total}
 
-    hooks = bnguard.HookRunner([PrintEval()], accelerator=accelerator, model=model, optimizer=optimizer,
-                               evaluate=evaluate, train_batches=lambda: train_loader)
-    hooks.fire(bnguard.Event.FIT_START)
+    runner = bnguard.HookRunner([PrintEval()], accelerator=accelerator, model=model, optimizer=optimizer,
+                                evaluate=evaluate, train_batches=lambda: train_loader)
+    runner.fire(bnguard.Event.FIT_START)
     step = 0
     for epoch in range(args.epochs):
-        hooks.fire(bnguard.Event.EPOCH_START, epoch=epoch)
+        runner.fire(bnguard.Event.EPOCH_START, epoch=epoch)
         model.train()
         for batch_index, (inputs, targets) in enumerate(train_loader):
             if args.limit_batches is not None and batch_index >= args.limit_batches:
@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             optimizer.step()
             optimizer.zero_grad()
             step += 1
-            hooks.fire(bnguard.Event.STEP_END, step=step)
-        hooks.fire(bnguard.Event.TRAIN_EPOCH_END)
-        hooks.fire(bnguard.Event.EVAL_START)
-        hooks.fire(bnguard.Event.EVAL_END, eval_metrics=evaluate())
-        hooks.fire(bnguard.Event.EPOCH_END)
-    hooks.fire(bnguard.Event.FIT_END)
-    return hooks.state.eval_metrics
+            runner.fire(bnguard.Event.STEP_END, step=step)
+        runner.fire(bnguard.Event.TRAIN_EPOCH_END)
+        runner.fire(bnguard.Event.EVAL_START)
+        runner.fire(bnguard.Event.EVAL_END, eval_metrics=evaluate())
+        runner.fire(bnguard.Event.EPOCH_END)
+    runner.fire(bnguard.Event.FIT_END)
+    return runner.state.eval_metrics
 
 
 if __name__ == "__main__":
