@@ -134,7 +134,7 @@ def train(args, mode: str, data, output_dir: Path, accelerator: Accelerator) -> 
 def summary_line(mode: str, result: dict) -> str:
     records = result["records"]
     evals = [r["eval_acc"] for r in records if "eval_acc" in r]
-    recals = sum(bool(r.get("recalibrated")) and r.get("eval_acc_before_recal") is not None for r in records)
+    recals = sum(bool(r.get("recalibrated")) for r in records)
     return (f"[{mode}] best eval accuracy {max(evals):.4f}, final {evals[-1]:.4f}, "
             f"{recals} recalibration(s), {result['seconds']:.1f} s")
 
