@@ -70,7 +70,8 @@ class DivergencePolicy:
 
     Triggers when eval is worse than train by more than ``gap_threshold``, or worse than its best so far by
     more than ``drop_threshold``, for ``patience`` evaluations in a row. After a recalibration that gained
-    less than ``recovery_margin`` while the gap stayed, the gap is not the statistics' doing: it backs off,
+    less than ``recovery_margin``, whether a gap or a fall set it off, the statistics were not to blame
+    (:attr:`Verdict.UNEXPLAINED`; gaining at least that much is :attr:`Verdict.STALE`): it backs off,
     skipping the next 1, 2, 4, ... (at most ``max_cooldown``) triggered evaluations. ``monitor`` names the
     metric in reasons; ``higher_is_better=False`` for a loss.
     """
@@ -130,8 +131,7 @@ class DivergencePolicy:
         """The verdict once the recalibrated model was evaluated again."""
         gained = self.worse_by(decision.eval_before, eval_after)
         self._remember(eval_after)
-        still_gap = decision.gap is not None and decision.gap - gained > self.gap_threshold
-        if gained < self.recovery_margin and (still_gap or decision.gap is None):
+        if gained < self.recovery_margin:  # whatever set it off, fresh statistics did not help
             verdict = Verdict.UNEXPLAINED
             self._back_off()
         else:

@@ -122,3 +122,12 @@ def test_decisions_read_as_plain_values():
 def test_bad_settings_name_the_argument(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         DivergencePolicy(**kwargs)
+
+
+def test_a_fall_that_recalibration_does_not_help_is_never_stale_statistics():
+    policy = DivergencePolicy()
+    policy.check(0.95, 0.96)
+    decision = policy.check(0.90, 0.91)  # 5 points below the best, no train/eval gap
+    assert decision.wants_recalibration and decision.gap == pytest.approx(0.01)
+    judged = policy.judge_recalibration(decision, eval_after=0.905)
+    assert judged.diagnosis is Verdict.UNEXPLAINED and policy.cooldown == 1 and policy.backoff == 2
