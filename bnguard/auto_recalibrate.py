@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from .hooks import Hook
+from .layers import has_running_statistics
 from .metrics import batch_accuracy
 from .policy import Decision, DivergencePolicy
 from .probe import Score, probe
@@ -18,6 +20,8 @@ from .records import RecordKeys
 from .state import State
 from .tracking import alert
 from .validation import positive_int
+
+NOTHING_TO_RECALIBRATE = "nothing to recalibrate: the model has no BatchNorm layer with running statistics"
 
 
 class AutoRecalibrate(Hook):
@@ -61,6 +65,7 @@ class AutoRecalibrate(Hook):
         self.probe_score = probe_score
         self.history: list[dict[str, Any]] = []
         self._last_alert = -float("inf")
+        self._warned_nothing = False
 
     def check(
         self,
@@ -76,6 +81,11 @@ class AutoRecalibrate(Hook):
         value when it recalibrated). ``batches``: training batches, or a callable giving them, only called
         when a recalibration or probe happens. Every process must call it with the same (gathered) metrics."""
         decision = self.policy.check(eval_value, train_value)
+        if decision.wants_recalibration and not has_running_statistics(model):
+            decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
+            if not self._warned_nothing:
+                self._warned_nothing = True
+                warnings.warn(f"AutoRecalibrate: {NOTHING_TO_RECALIBRATE}; it only reports", stacklevel=2)
         if decision.wants_recalibration and self.report_only:
             decision = decision.noted("monitor mode (report_only=True): statistics left as they are",
                                       wants_recalibration=False)

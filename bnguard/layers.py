@@ -39,3 +39,8 @@ def is_uninitialized(layer: _BatchNorm) -> bool:
 
 def tracks_statistics(layer: _BatchNorm) -> bool:
     return layer.track_running_stats and layer.running_mean is not None
+
+
+def has_running_statistics(model: nn.Module) -> bool:
+    """Whether any BatchNorm layer of the model keeps running statistics that recalibration could set."""
+    return any(tracks_statistics(layer) for _, layer in batchnorm_layers(model))

@@ -75,8 +75,7 @@ class Loop:
             has_eval_loader=eval_loader is not None, epochs=epochs, max_steps=max_steps,
             eval_every_epochs=eval_every_epochs, eval_every_steps=eval_every_steps, log_every_steps=log_every_steps,
             limit_train_batches=limit_train_batches)
-        if _length(train_loader) == 0:
-            raise ValueError("train_loader is empty: it yields no batch to train on")
+        _check_not_empty(train_loader, eval_loader)
         self.accelerator = acc = _accelerator(accelerator, gradient_accumulation_steps)
         self.trackers = tracker_names(tracker if tracker is not None else [str(t) for t in acc.log_with])
         self.loss_fn, self.metric, self.metric_name = loss_fn, metric, metric_name
@@ -206,6 +205,14 @@ def _run_config(loop: Loop) -> dict[str, Any]:
             "gradient_accumulation_steps": acc.gradient_accumulation_steps, "num_processes": acc.num_processes,
             "mixed_precision": acc.mixed_precision, "optimizer": type(loop.optimizer.optimizer).__name__,
             "lr": loop.optimizer.param_groups[0]["lr"], "hooks": [h.state_key for h in loop.runner.hooks]}
+
+
+def _check_not_empty(train_loader: Iterable[Any], eval_loader: Iterable[Any] | None) -> None:
+    if _length(train_loader) == 0:
+        raise ValueError("train_loader is empty: it yields no batch to train on")
+    if eval_loader is not None and _length(eval_loader) == 0:
+        raise ValueError("eval_loader is empty: it yields no batch to evaluate; pass eval_loader=None to train "
+                         "without evaluation")
 
 
 def _length(loader: Iterable[Any]) -> float:

@@ -36,7 +36,8 @@ class MetricSums:
         if accelerator is not None and accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, reduction="sum")
         loss, score, count = sums.tolist()
-        count = max(count, 1.0)
+        if count == 0:  # a mean over nothing is no metric: 0.0 here would read as a real score
+            raise ValueError(f"no {prefix} sample was seen: the {prefix} data yielded no batch on any process")
         return {f"{prefix}_loss": loss / count, f"{prefix}_{metric_name}": score / count}
 
 

@@ -219,3 +219,21 @@ def test_two_processes_make_identical_decisions(tmp_path):
     assert [d["recalibrated"] for d in rank0["history"]] == [True, True]
     assert rank0["history"][0]["samples"] == 64  # both ranks' shares of the budget
     assert_same_tensors(rank0["buffers"], rank1["buffers"])
+
+
+def test_a_model_without_batchnorm_says_so_once_and_records_no_recalibration(tmp_path, capsys):
+    g = torch.Generator().manual_seed(5)
+    train = TensorDataset(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g))
+    evaluation = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))  # memorizes 16 random labels, no BatchNorm
+    loop = bnguard.Loop(model, torch.optim.Adam(model.parameters(), lr=5e-2), DataLoader(train, batch_size=16),
+                        eval_loader=DataLoader(evaluation, batch_size=64), hooks=[AutoRecalibrate()], epochs=8,
+                        output_dir=tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="nothing to recalibrate") as caught:
+        loop.fit()
+    assert len([w for w in caught if "nothing to recalibrate" in str(w.message)]) == 1
+    rows = records(tmp_path)
+    triggered = [r for r in rows if "nothing to recalibrate" in r["reason"]]
+    assert len(triggered) >= 3 and all(r["recalibrated"] is False for r in rows)
+    assert all(r["diagnosis"] is None and r["recal_samples"] == 0 for r in rows)
+    assert "recalibrated BatchNorm on 0 samples" not in capsys.readouterr().out

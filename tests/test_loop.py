@@ -205,3 +205,20 @@ def test_training_batches_for_hooks_leave_the_run_unchanged(tmp_path):
     drawn = toy_loop(tmp_path / "drawn", hooks=[drawer], epochs=2, dropout=0.3).fit()
     assert drawer.sizes == [4] * 6
     assert {k: v for k, v in drawn.items() if k != "seconds"} == {k: v for k, v in plain.items() if k != "seconds"}
+
+
+def test_an_empty_eval_loader_is_an_error_not_a_zero_score(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from helpers import tiny_resnet, toy_data
+
+    model = tiny_resnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train = DataLoader(toy_data(8), batch_size=4)
+    with pytest.raises(ValueError, match="eval_loader is empty"):
+        bnguard.Loop(model, optimizer, train, eval_loader=DataLoader(toy_data(0), batch_size=4), epochs=1,
+                     output_dir=tmp_path, progress=False)
+
+    with pytest.raises(ValueError, match="no eval sample was seen"):  # data without a length, found empty later
+        bnguard.metrics.MetricSums("cpu").compute("eval", "acc")
+    assert not (tmp_path / "metrics.jsonl").exists()
