@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -30,6 +32,27 @@ def preserved_rng() -> Iterator[None]:
 
 
 @contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Holds Ctrl-C (SIGINT) back until the block is over, then raises it: a restore or a write cut half-way
+    would leave a model half-changed. Signal handlers belong to the main thread; elsewhere the block runs
+    as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and previous is not signal.SIG_IGN:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+            else:
+                raise KeyboardInterrupt
+
+
+@contextmanager
 def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm]) -> Iterator[None]:
     """Puts ``layers`` in train mode (every other module keeps its mode) with the running buffers of every
     BatchNorm layer of ``model`` swapped for scratch copies, so forward passes inside write no statistic.
@@ -49,7 +72,8 @@ def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm]) -> I
                 layer.training = True
             yield
         finally:
-            for layer, buffers in saved.items():
-                layer._buffers.update(buffers)
-            for module, training in modes:
-                module.training = training
+            with interrupts_deferred():
+                for layer, buffers in saved.items():
+                    layer._buffers.update(buffers)
+                for module, training in modes:
+                    module.training = training

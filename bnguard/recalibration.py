@@ -18,7 +18,7 @@ from .accumulator import LayerAccumulator, LayerTotals, merge_processes
 from .batches import batch_size, default_forward, to_device
 from .console import show_progress
 from .distributed import process_info, split_budget
-from .isolation import batchnorm_in_train_mode
+from .isolation import batchnorm_in_train_mode, interrupts_deferred
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
 from .report import LayerReport, RecalibrationReport
 from .validation import positive_int
@@ -144,15 +144,16 @@ def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator]) 
                 handles.append(layer.register_forward_pre_hook(accumulator.before_call))
             yield
         finally:
-            for handle in handles:
-                handle.remove()
-            for layer, momentum in momenta.items():
-                layer.momentum = momentum
-            for layer, method in own_forward.items():
-                if method is None:
-                    layer.__dict__.pop("forward", None)
-                else:
-                    layer.forward = method
+            with interrupts_deferred():  # a layer left at momentum 1 with its pre-hook would corrupt training
+                for handle in handles:
+                    handle.remove()
+                for layer, momentum in momenta.items():
+                    layer.momentum = momentum
+                for layer, method in own_forward.items():
+                    if method is None:
+                        layer.__dict__.pop("forward", None)
+                    else:
+                        layer.forward = method
 
 
 def _run_passes(
@@ -182,8 +183,9 @@ def _run_passes(
 def _write_statistics(
     layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], totals: dict[_BatchNorm, LayerTotals]
 ) -> list[LayerReport]:
+    """Stores the new statistics of every layer, all or none, and reports each layer."""
     reports: list[LayerReport | None] = []
-    movements, written = [], []
+    movements, written, updates = [], [], []
     for name, layer in layers:
         if name in reasons:
             reports.append(LayerReport(name=name, skipped=reasons[name]))
@@ -199,16 +201,24 @@ def _write_statistics(
         old_mean, old_var = layer.running_mean.double(), layer.running_var.double()
         shift = (new_mean - old_mean).abs() / (new_var + layer.eps).sqrt()
         log_ratio = ((new_var + layer.eps) / (old_var + layer.eps)).log().abs()
-        layer.running_mean.copy_(new_mean)
-        layer.running_var.copy_(new_var)
-        layer.num_batches_tracked.fill_(pooled_calls)
+        updates.append((layer, new_mean.to(layer.running_mean.dtype), new_var.to(layer.running_var.dtype),
+                        pooled_calls))
         movements.append(torch.stack([shift.max(), shift.mean(), log_ratio.max(), log_ratio.mean()]))
         written.append((len(reports), counts))
         reports.append(None)
+    with interrupts_deferred():  # a Ctrl-C here still lets every layer be written
+        for update in updates:
+            _store(*update)
     if movements:  # one synchronization for every layer's numbers
         for (index, counts), movement in zip(written, torch.stack(movements).tolist()):
             reports[index] = LayerReport(**counts, **dict(zip(LayerReport.MOVEMENT, movement)))
     return reports  # type: ignore[return-value]
+
+
+def _store(layer: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: int) -> None:
+    layer.running_mean.copy_(mean)
+    layer.running_var.copy_(var)
+    layer.num_batches_tracked.fill_(calls)
 
 
 def _warn_nonfinite(layers: list[LayerReport]) -> None:

@@ -335,3 +335,45 @@ def test_statistics_under_bf16_autocast_are_kept_in_float32_or_better():
         assert layers[name].running_var.dtype == torch.float32
         torch.testing.assert_close(layers[name].running_var.double(), x.var(dim=1), rtol=1e-5, atol=0)
         torch.testing.assert_close(layers[name].running_mean.double(), x.mean(dim=1), rtol=0, atol=1e-5)
+
+
+def _interrupt_on_call(monkeypatch, owner, name, nth=1):
+    """Makes the nth call of owner.name deliver a real Ctrl-C (SIGINT) to this process, then carry on."""
+    import signal
+
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        if len(calls) == nth:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return calls
+
+
+def test_ctrl_c_during_the_cleanup_of_the_passes_still_restores_every_layer(monkeypatch):
+    model = tiny_resnet().train()
+    before = buffers_of(model)
+    momenta = [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    calls = _interrupt_on_call(monkeypatch, torch.utils.hooks.RemovableHandle, "remove")
+    with pytest.raises(KeyboardInterrupt):
+        bnguard.recalibrate(model, [torch.randn(4, 1, 8, 8)], progress=False)
+    assert len(calls) == 6  # every pre-hook was removed although the interrupt came at the first
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [m.momentum for m in layers] == momenta and all(not m._forward_pre_hooks for m in layers)
+    assert all(m.training for m in model.modules())
+    assert_same_tensors(before, buffers_of(model))
+
+
+def test_ctrl_c_while_writing_the_statistics_writes_all_layers_or_none(monkeypatch):
+    model = tiny_resnet()
+    batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    expected = copy.deepcopy(model)
+    bnguard.recalibrate(expected, batches, progress=False)
+    _interrupt_on_call(monkeypatch, bnguard.recalibration, "_store", nth=2)
+    with pytest.raises(KeyboardInterrupt):
+        bnguard.recalibrate(model, batches, progress=False)
+    assert_same_tensors(buffers_of(expected), buffers_of(model))  # all six layers new
