@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .validation import positive_int
 
 _NAME = re.compile(r"^epoch-(\d+)$")
+MANIFEST = "bnguard-manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is incomplete or whose files changed since it was written."""
 
 
 class Checkpoints:
@@ -41,6 +49,7 @@ def save_checkpoint(accelerator: Any, directory: Path, epoch: int) -> Path:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(partial)
         stale = directory / f".epoch-{epoch:04d}.replaced"
         if final.exists():
             final.rename(stale)
@@ -50,20 +59,81 @@ def save_checkpoint(accelerator: Any, directory: Path, epoch: int) -> Path:
     return final
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The complete checkpoint with the highest epoch under ``directory``, if any."""
+def write_manifest(folder: Path) -> None:
+    """Records the size and SHA-256 of every file in ``folder``, in a manifest written last and atomically."""
+    files = {str(path.relative_to(folder)): _fingerprint(path) for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name != MANIFEST}
+    partial = folder / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    partial.replace(folder / MANIFEST)
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raises :class:`CheckpointError` naming the folder and the file when the checkpoint is incomplete or a
+    file differs from what its manifest recorded."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {MANIFEST}: it is incomplete, or was not written by "
+                              "bnguard")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {folder}: {MANIFEST} is unreadable ({error!r})") from error
+    for name, recorded in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder}: {name} is missing")
+        actual = _fingerprint(path)
+        if actual["size"] != recorded["size"]:
+            raise CheckpointError(f"checkpoint {folder}: {name} has {actual['size']} bytes, {recorded['size']} "
+                                  "were written (truncated or overwritten)")
+        if actual["sha256"] != recorded["sha256"]:
+            raise CheckpointError(f"checkpoint {folder}: {name} changed since it was written (checksum differs)")
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def checkpoints_newest_first(directory: Path) -> list[Path]:
+    """The checkpoint folders under ``directory``, highest epoch first."""
     found = [(int(m.group(1)), p) for p in directory.glob("epoch-*") if (m := _NAME.match(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
 
 
-def resolve_checkpoint(resume_from: str | Path, output_dir: Path) -> Path:
-    """``"latest"`` (newest under ``output_dir/checkpoints``), or a checkpoint folder, checked to exist."""
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint under ``directory`` that verifies; each newer one that does not is named in a
+    warning."""
+    for path in checkpoints_newest_first(directory):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            warnings.warn(f"{error}; falling back to an older checkpoint", stacklevel=2)
+            continue
+        return path
+    return None
+
+
+def resolve_checkpoint(resume_from: str | Path, output_dir: Path, missing_ok: bool = False) -> Path | None:
+    """``"latest"`` (the newest that verifies under ``output_dir/checkpoints``; None when there is no
+    checkpoint at all and ``missing_ok``), or a checkpoint folder, verified against its manifest."""
     if str(resume_from) == "latest":
-        found = latest_checkpoint(output_dir / "checkpoints")
+        directory = output_dir / "checkpoints"
+        if missing_ok and not checkpoints_newest_first(directory):
+            return None
+        found = latest_checkpoint(directory)
         if found is None:
-            raise FileNotFoundError(f"resume_from='latest' but {output_dir / 'checkpoints'} holds no checkpoint")
+            held = "no checkpoint" if not checkpoints_newest_first(directory) else "no checkpoint that verifies"
+            raise FileNotFoundError(f"resume_from='latest' but {directory} holds {held}"
+                                    + ("; pass missing_ok=True to start fresh when there is none" if not
+                                       checkpoints_newest_first(directory) else ""))
         return found
     path = Path(resume_from)
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from={str(resume_from)!r} is not a checkpoint folder")
+    verify_checkpoint(path)
     return path

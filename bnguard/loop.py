@@ -96,20 +96,23 @@ class Loop:
         self.config = dict(config or {})
         acc.register_for_checkpointing(self.state, self.runner, self.train_batches)
 
-    def fit(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+    def fit(self, resume_from: str | Path | None = None, *, missing_ok: bool = False) -> dict[str, Any]:
         """Trains, firing events; returns the last epoch's record. ``resume_from``: a checkpoint folder or
-        ``"latest"``; the run continues after the checkpoint's epoch exactly as if never interrupted."""
+        ``"latest"`` (the newest that verifies), continued exactly as if never interrupted; with ``missing_ok``
+        no checkpoint at all means a fresh start (one command for the first start and every restart)."""
         state, acc = self.state, self.accelerator
         try:
             epoch = 0
-            if resume_from is not None:
-                acc.load_state(str(resolve_checkpoint(resume_from, self.output_dir)))
+            checkpoint = resolve_checkpoint(resume_from, self.output_dir, missing_ok) if resume_from else None
+            if checkpoint is not None:
+                acc.load_state(str(checkpoint))
                 epoch = state.epoch + 1  # checkpoints are written once an epoch is over
-            self.records.open(epochs_done=epoch)
+            record = self.records.open(epochs_done=epoch)
+            if self.schedule.finished(epoch, state.step):
+                return self.records.finished(record)
             start_trackers(acc, self.trackers, self.project, self.output_dir, {**_run_config(self), **self.config},
                            self.run_name)
             self.runner.fire(Event.FIT_START)
-            record: dict[str, Any] = {}
             while not self.schedule.finished(epoch, state.step) and not state.should_stop:
                 record = self._run_epoch(epoch)
                 epoch += 1

@@ -30,18 +30,26 @@ class RecordWriter:
     def __init__(self, path: Path, *, is_main_process: bool, echo: bool):
         self.path, self.is_main_process, self.echo = path, is_main_process, echo
 
-    def open(self, epochs_done: int) -> None:
-        """Keeps the records of the epochs already done (all of them on resume), atomically."""
-        if not self.is_main_process:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def open(self, epochs_done: int) -> dict[str, Any]:
+        """Keeps the records of the epochs already done (all of them on resume), atomically; returns the last
+        of them ({} on a fresh run). Every process reads, the main process writes."""
         kept = []
-        if self.path.exists():
+        if epochs_done and self.path.exists():
             lines = self.path.read_text().splitlines()
             kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_done]
-        partial = self.path.with_suffix(".jsonl.partial")
-        partial.write_text("".join(line + "\n" for line in kept))
-        partial.replace(self.path)
+        if self.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".jsonl.partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            partial.replace(self.path)
+        return json.loads(kept[-1]) if kept else {}
+
+    def finished(self, last: dict[str, Any]) -> dict[str, Any]:
+        """Says that a resumed run has nothing left to train; returns its last record."""
+        if self.is_main_process:
+            print(f"bnguard: the run in {self.path.parent} is already complete (epoch {last.get('epoch')}): "
+                  "nothing left to train", flush=True)
+        return last
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.is_main_process:
