@@ -6,7 +6,7 @@ from .bn_stats import BNStatsLogger, bn_statistics, log_bn_stats
 from .events import Event
 from .hooks import Hook, HookError, HookRunner
 from .loop import Loop
-from .metrics import accuracy
+from .metrics import NonFiniteLossError, accuracy
 from .policy import Decision, DivergencePolicy, Verdict
 from .precise_bn import PreciseBN
 from .recalibration import recalibrate
@@ -28,6 +28,7 @@ __all__ = [
     "HookRunner",
     "LayerReport",
     "Loop",
+    "NonFiniteLossError",
     "PreciseBN",
     "RecalibrationReport",
     "RecordKeys",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -76,11 +77,13 @@ class AutoRecalibrate(Hook):
         evaluate: Callable[[], Mapping[str, float] | float],
         batches: Iterable[Any] | Callable[[], Iterable[Any]],
         accelerator: Any = None,
+        nonfinite: Sequence[str] = (),
     ) -> Decision:
         """Decides after one evaluation and acts on it; returns the :class:`Decision` (with the new eval
         value when it recalibrated). ``batches``: training batches, or a callable giving them, only called
-        when a recalibration or probe happens. Every process must call it with the same (gathered) metrics."""
-        decision = self.policy.check(eval_value, train_value)
+        when a recalibration or probe happens; ``nonfinite``: the names of NaN/Inf metrics (see
+        :meth:`DivergencePolicy.check`). Every process must call it with the same (gathered) metrics."""
+        decision = self.policy.check(eval_value, train_value, nonfinite=nonfinite)
         if decision.wants_recalibration and not has_running_statistics(model):
             decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
             if not self._warned_nothing:
@@ -103,10 +106,11 @@ class AutoRecalibrate(Hook):
         started = time.perf_counter()
         report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator, progress=False)
         result = evaluate()
-        metrics = dict(result) if isinstance(result, Mapping) else None
-        after = metrics[f"eval_{self.monitor}"] if metrics is not None else float(result)
-        return replace(self.policy.judge_recalibration(decision, after), recalibrated=True, samples=report.samples,
-                       seconds=time.perf_counter() - started, report=report, eval_metrics=metrics)
+        metrics = dict(result) if isinstance(result, Mapping) else {f"eval_{self.monitor}": float(result)}
+        judged = self.policy.judge_recalibration(decision, metrics[f"eval_{self.monitor}"],
+                                                 nonfinite=nonfinite_names(metrics))
+        return replace(judged, recalibrated=True, samples=report.samples, seconds=time.perf_counter() - started,
+                       report=report, eval_metrics=metrics)
 
     # ---- the hook ----------------------------------------------------------------------------------
     def on_fit_start(self, state: State) -> None:
@@ -119,9 +123,10 @@ class AutoRecalibrate(Hook):
             raise KeyError(f"AutoRecalibrate watches {eval_key!r} but the evaluation gave {sorted(state.eval_metrics)}")
         decision = self.check(state.model, eval_value=state.eval_metrics[eval_key],
                               train_value=state.train_metrics.get(train_key), evaluate=state.evaluate,
-                              batches=state.train_batches, accelerator=state.accelerator)
+                              batches=state.train_batches, accelerator=state.accelerator,
+                              nonfinite=nonfinite_names({**state.train_metrics, **state.eval_metrics}))
         if decision.recalibrated:
-            state.eval_metrics = {**state.eval_metrics, **(decision.eval_metrics or {eval_key: decision.eval_after})}
+            state.eval_metrics = {**state.eval_metrics, **decision.eval_metrics}
             state.recalibrated(decision.report)
         self._publish(state, decision, eval_key)
 
@@ -151,8 +156,9 @@ class AutoRecalibrate(Hook):
     def _line(self, state: State, d: Decision) -> str:
         parts = [f"bnguard: epoch {state.epoch + 1}, step {state.step}: {d.reason}"]
         if d.recalibrated:
+            gained = f" ({d.gained:+.4f})" if d.gained is not None else ""
             parts.append(f"recalibrated BatchNorm on {d.samples} samples in {d.seconds:.2f} s: eval {self.monitor} "
-                         f"{d.eval_before:.4f} -> {d.eval_after:.4f} ({d.gained:+.4f})")
+                         f"{d.eval_before:.4f} -> {d.eval_after:.4f}{gained}")
         if d.diagnosis:
             parts.append(f"verdict: {d.diagnosis}")
         return "; ".join(parts)
@@ -168,3 +174,8 @@ class AutoRecalibrate(Hook):
 
 def _call(batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> Iterable[Any]:
     return batches() if callable(batches) else batches
+
+
+def nonfinite_names(metrics: Mapping[str, Any]) -> list[str]:
+    """The metrics whose values are NaN or Inf."""
+    return [name for name, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]

@@ -10,6 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .validation import positive_int
 
 _NAME = re.compile(r"^epoch-(\d+)$")
@@ -24,18 +26,26 @@ class Checkpoints:
     """The loop's checkpoint schedule: ``directory/epoch-NNNN`` (NNNN: epochs done) every ``every_epochs``
     epochs and at the end of training; never when ``every_epochs`` is None."""
 
-    def __init__(self, accelerator: Any, directory: Path, every_epochs: int | None):
-        self.accelerator, self.directory = accelerator, directory
+    def __init__(self, accelerator: Any, model: torch.nn.Module, directory: Path, every_epochs: int | None):
+        self.accelerator, self.model, self.directory = accelerator, model, directory
         self.every_epochs = positive_int("checkpoint_every_epochs", every_epochs, optional=True)
 
     def after_epoch(self, epochs_done: int) -> None:
         if self.every_epochs and epochs_done % self.every_epochs == 0:
-            save_checkpoint(self.accelerator, self.directory, epochs_done)
+            self._save(epochs_done)
 
     def at_end(self, epochs_done: int) -> None:
         """The final state, unless the last epoch already saved it."""
         if self.every_epochs and epochs_done % self.every_epochs:
-            save_checkpoint(self.accelerator, self.directory, epochs_done)
+            self._save(epochs_done)
+
+    def _save(self, epochs_done: int) -> None:
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).tolist()
+        if not all(finite):  # one synchronization per checkpoint
+            name = [n for (n, _), ok in zip(self.model.named_parameters(), finite) if not ok][0]
+            raise FloatingPointError(f"parameter {name} holds NaN/Inf: checkpoint epoch-{epochs_done:04d} not "
+                                     "written, the latest checkpoint is the last good one")
+        save_checkpoint(self.accelerator, self.directory, epochs_done)
 
 
 def save_checkpoint(accelerator: Any, directory: Path, epoch: int) -> Path:

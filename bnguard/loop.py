@@ -21,7 +21,7 @@ from .checkpoint import Checkpoints, resolve_checkpoint
 from .console import show_progress
 from .events import Event
 from .hooks import Hook, HookRunner, checked_hooks
-from .metrics import Metric, MetricSums, accuracy, evaluate_classifier
+from .metrics import Metric, MetricSums, NonFiniteLossError, accuracy, evaluate_classifier
 from .records import RecordWriter
 from .run_dir import shared_output_dir
 from .schedule import Schedule
@@ -81,11 +81,11 @@ class Loop:
         self.loss_fn, self.metric, self.metric_name = loss_fn, metric, metric_name
         self.project, self.run_name, self.show_progress = project, run_name, progress
         self.output_dir = shared_output_dir(acc, output_dir)
-        self.checkpoints = Checkpoints(acc, self.output_dir / "checkpoints", checkpoint_every_epochs)
         self.records = RecordWriter(self.output_dir / "metrics.jsonl", is_main_process=acc.is_main_process,
                                     echo=not show_progress(progress))
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = _prepare(
             acc, model, optimizer, train_loader, eval_loader, scheduler)
+        self.checkpoints = Checkpoints(acc, self.model, self.output_dir / "checkpoints", checkpoint_every_epochs)
         self.train_step = TrainStep(acc, self.model, self.optimizer, self.scheduler, loss_fn, max_grad_norm)
         self.train_batches = TrainingBatches(train_loader, seed=seed, rank=acc.process_index,
                                              world_size=acc.num_processes)
@@ -159,12 +159,12 @@ class Loop:
             if not schedule.batch_allowed(index):
                 break
             loss, outputs = self.train_step(inputs, targets)
-            sums.add(loss, self.metric(outputs.detach(), targets))
+            sums.add(loss, self.metric(outputs.detach(), targets), step=state.step + 1)
             if not acc.sync_gradients:
                 continue
             self.runner.fire(Event.STEP_END, step=state.step + 1)
             if schedule.logs_at(state.step):
-                running = sums.compute("train", self.metric_name, acc)
+                running = _finite(sums, sums.compute("train", self.metric_name, acc), epoch)
                 state.log({**running, "lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch})
                 bar.set_postfix({k.removeprefix("train_"): f"{v:.4f}" for k, v in running.items()})
             if schedule.evaluates_at_step(state.step):
@@ -173,7 +173,7 @@ class Loop:
             if state.should_stop or schedule.steps_done(state.step):
                 break
         bar.close()
-        return sums.compute("train", self.metric_name, acc)
+        return _finite(sums, sums.compute("train", self.metric_name, acc), epoch)
 
     def _evaluate_with_events(self) -> None:
         self.runner.fire(Event.EVAL_START)
@@ -208,6 +208,17 @@ def _run_config(loop: Loop) -> dict[str, Any]:
             "gradient_accumulation_steps": acc.gradient_accumulation_steps, "num_processes": acc.num_processes,
             "mixed_precision": acc.mixed_precision, "optimizer": type(loop.optimizer.optimizer).__name__,
             "lr": loop.optimizer.param_groups[0]["lr"], "hooks": [h.state_key for h in loop.runner.hooks]}
+
+
+def _finite(sums: MetricSums, train_metrics: dict[str, float], epoch: int) -> dict[str, float]:
+    """The metrics, checked where logging already synchronizes: a NaN/Inf loss stops the run here."""
+    if math.isfinite(train_metrics["train_loss"]):
+        return train_metrics
+    step = sums.first_nonfinite_step()
+    where = f"from step {step}" if step is not None else "on another process"
+    raise NonFiniteLossError(
+        f"the training loss is not finite (NaN/Inf) {where}, in epoch {epoch + 1}: training stopped before "
+        "that state was evaluated, recorded or checkpointed; the latest checkpoint is the last good one")
 
 
 def _check_not_empty(train_loader: Iterable[Any], eval_loader: Iterable[Any] | None) -> None:

@@ -15,19 +15,35 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (outputs.argmax(dim=-1) == targets).double()
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; training stops before anything is logged or saved from it."""
+
+
 class MetricSums:
-    """Sums of loss x samples and of per-sample metric, and the sample count; adding never synchronizes."""
+    """Sums of loss x samples and of per-sample metric, and the sample count; adding never synchronizes.
+
+    Given steps, it also remembers on the device the first step whose loss was not finite, for the error
+    that a non-finite sum leads to (:meth:`first_nonfinite_step`)."""
 
     def __init__(self, device: torch.device | str):
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.score = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def add(self, mean_loss: torch.Tensor, scores: torch.Tensor) -> None:
+    def add(self, mean_loss: torch.Tensor, scores: torch.Tensor, step: int | None = None) -> None:
         count = scores.numel()
         self.loss += mean_loss.detach() * count
         self.score += scores.detach().sum()
         self.count += count
+        if step is not None:
+            bad = (self._first_bad < 0) & ~torch.isfinite(mean_loss.detach())
+            self._first_bad = torch.where(bad, step, self._first_bad)
+
+    def first_nonfinite_step(self) -> int | None:
+        """The first step added with a NaN/Inf loss on this process, if any (synchronizes: for errors only)."""
+        step = int(self._first_bad.item())
+        return step if step >= 0 else None
 
     def compute(self, prefix: str, metric_name: str, accelerator: Any = None) -> dict[str, float]:
         """``{prefix_loss, prefix_<metric_name>}`` over all samples; sums over processes when given one."""

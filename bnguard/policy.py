@@ -5,6 +5,8 @@ Pure Python (no torch), so that any training framework can drive it with the met
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any
@@ -17,6 +19,7 @@ class Verdict(str, Enum):
 
     STALE = "stale statistics"
     UNEXPLAINED = "gap not explained by BN statistics (overfitting or distribution shift)"
+    NONFINITE = "non-finite outputs (NaN/Inf): the weights, not the BN statistics"
 
     def __str__(self) -> str:  # the value, also in f-strings (an Enum would print "Verdict.STALE")
         return self.value
@@ -97,8 +100,15 @@ class DivergencePolicy:
         self.backoff = 1  # the next cooldown, doubled after each unexplained gap
         self.streak = 0  # evaluations in a row over a threshold
 
-    def check(self, eval_value: float, train_value: float | None = None) -> Decision:
-        """The decision after one evaluation: ``wants_recalibration`` when triggered and not backing off."""
+    def check(self, eval_value: float, train_value: float | None = None, *,
+              nonfinite: Sequence[str] = ()) -> Decision:
+        """The decision after one evaluation: ``wants_recalibration`` when triggered and not backing off.
+
+        ``nonfinite`` names the metrics (``train_*`` / ``eval_*``) that came out NaN or Inf. Non-finite
+        training means the model itself is broken: no recalibration, verdict NONFINITE. Non-finite eval
+        alone can be corrupt statistics: it asks for a recalibration. Neither counts towards the best."""
+        if nonfinite:
+            return self._nonfinite(eval_value, tuple(nonfinite))
         gap = self.worse_by(eval_value, train_value) if train_value is not None else None
         drop = self.worse_by(eval_value, self.best) if self.best is not None else None
         self._remember(eval_value)
@@ -110,12 +120,7 @@ class DivergencePolicy:
         self.streak = self.streak + 1 if findings else 0
         decision = Decision(triggered=self.streak >= self.patience, findings=tuple(findings),
                             eval_before=eval_value, gap=gap, drop=drop)
-        if not decision.triggered:
-            return decision
-        if self.cooldown > 0:
-            self.cooldown -= 1
-            return decision.noted(f"backing off ({self.cooldown + 1} evaluation(s) of cooldown left)")
-        return replace(decision, wants_recalibration=True)
+        return self._act_unless_cooling_down(decision) if decision.triggered else decision
 
     def judge_probe(self, decision: Decision, eval_mode: float, train_mode: float) -> Decision:
         """Given the metric on training data in eval mode and with batch statistics: when the two agree
@@ -127,8 +132,16 @@ class DivergencePolicy:
                               "data, statistics not stale", wants_recalibration=False,
                               diagnosis=Verdict.UNEXPLAINED)
 
-    def judge_recalibration(self, decision: Decision, eval_after: float) -> Decision:
-        """The verdict once the recalibrated model was evaluated again."""
+    def judge_recalibration(self, decision: Decision, eval_after: float, *,
+                            nonfinite: Sequence[str] = ()) -> Decision:
+        """The verdict once the recalibrated model was evaluated again (``nonfinite``: as in :meth:`check`)."""
+        if nonfinite:  # fresh statistics did not make the outputs finite
+            self._back_off()
+            return replace(decision, eval_after=eval_after, diagnosis=Verdict.NONFINITE)
+        if not math.isfinite(decision.eval_before):  # corrupt statistics, now repaired
+            self._remember(eval_after)
+            self.backoff = 1
+            return replace(decision, eval_after=eval_after, diagnosis=Verdict.STALE)
         gained = self.worse_by(decision.eval_before, eval_after)
         self._remember(eval_after)
         if gained < self.recovery_margin:  # whatever set it off, fresh statistics did not help
@@ -138,6 +151,20 @@ class DivergencePolicy:
             verdict = Verdict.STALE
             self.backoff = 1
         return replace(decision, eval_after=eval_after, gained=gained, diagnosis=verdict)
+
+    def _nonfinite(self, eval_value: float, names: tuple[str, ...]) -> Decision:
+        finding = f"{', '.join(names)} not finite"
+        if any(name.startswith("train_") for name in names):
+            return Decision(triggered=True, findings=(finding,), eval_before=eval_value,
+                            notes=("the model's own outputs are NaN/Inf, which recalibration cannot fix",),
+                            diagnosis=Verdict.NONFINITE)
+        return self._act_unless_cooling_down(Decision(triggered=True, findings=(finding,), eval_before=eval_value))
+
+    def _act_unless_cooling_down(self, decision: Decision) -> Decision:
+        if self.cooldown > 0:
+            self.cooldown -= 1
+            return decision.noted(f"backing off ({self.cooldown + 1} evaluation(s) of cooldown left)")
+        return replace(decision, wants_recalibration=True)
 
     def worse_by(self, value: float, reference: float) -> float:
         """How much worse ``value`` is than ``reference`` (positive: worse), whichever direction is better."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,19 @@ class RecordWriter:
         if not self.is_main_process:
             return
         with self.path.open("a") as out:
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         if self.echo:
             shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in record.items() if isinstance(v, (int, float, str)))
             print(shown, flush=True)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and Inf as the strings "NaN", "Infinity", "-Infinity": bare NaN is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
