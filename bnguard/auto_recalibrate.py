@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from .hooks import Hook
+from .isolation import restore_statistics, saved_statistics
 from .layers import has_running_statistics
 from .metrics import batch_accuracy
 from .policy import Decision, DivergencePolicy
@@ -104,13 +105,16 @@ class AutoRecalibrate(Hook):
     def _recalibrate(self, decision: Decision, model: nn.Module, evaluate: Callable[[], Any],
                      batches: Iterable[Any], accelerator: Any) -> Decision:
         started = time.perf_counter()
+        previous = saved_statistics(model)
         report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator, progress=False)
         result = evaluate()
         metrics = dict(result) if isinstance(result, Mapping) else {f"eval_{self.monitor}": float(result)}
         judged = self.policy.judge_recalibration(decision, metrics[f"eval_{self.monitor}"],
                                                  nonfinite=nonfinite_names(metrics))
-        return replace(judged, recalibrated=True, samples=report.samples, seconds=time.perf_counter() - started,
-                       report=report, eval_metrics=metrics)
+        if judged.reverted:
+            restore_statistics(previous)
+        return replace(judged, recalibrated=not judged.reverted, samples=report.samples, report=report,
+                       seconds=time.perf_counter() - started, eval_metrics=metrics)
 
     # ---- the hook ----------------------------------------------------------------------------------
     def on_fit_start(self, state: State) -> None:

@@ -77,3 +77,18 @@ def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm]) -> I
                     layer._buffers.update(buffers)
                 for module, training in modes:
                     module.training = training
+
+
+def saved_statistics(model: nn.Module) -> dict[torch.Tensor, torch.Tensor]:
+    """A copy of every BatchNorm buffer of ``model`` (running mean, variance, batch count), for
+    :func:`restore_statistics`."""
+    return {buffer: buffer.clone() for _, layer in batchnorm_layers(model)
+            if tracks_statistics(layer) and not is_uninitialized(layer)
+            for buffer in layer.buffers(recurse=False)}
+
+
+def restore_statistics(saved: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Puts the saved values back into the same buffers, bit for bit, all of them (Ctrl-C waits)."""
+    with interrupts_deferred():
+        for buffer, value in saved.items():
+            buffer.copy_(value)

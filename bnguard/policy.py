@@ -20,6 +20,7 @@ class Verdict(str, Enum):
     STALE = "stale statistics"
     UNEXPLAINED = "gap not explained by BN statistics (overfitting or distribution shift)"
     NONFINITE = "non-finite outputs (NaN/Inf): the weights, not the BN statistics"
+    WORSE = "recalibration made eval worse: previous statistics restored"
 
     def __str__(self) -> str:  # the value, also in f-strings (an Enum would print "Verdict.STALE")
         return self.value
@@ -30,14 +31,16 @@ class Decision:
     """What one check found and did. Values are in the watched metric's units; ``gap`` and ``drop`` are
     how much worse eval is than train and than its best (positive: worse).
 
-    The policy fills in the judgement; the hook that acted on it adds ``recalibrated``, ``samples``,
-    ``seconds``, ``report`` (the :class:`~bnguard.RecalibrationReport`) and ``eval_metrics`` (the full
-    re-evaluation).
+    ``reverted``: the recalibration made eval worse by more than the margin, so the hook put the previous
+    statistics back. The policy fills in the judgement; the hook that acted on it adds ``recalibrated``,
+    ``samples``, ``seconds``, ``report`` (the :class:`~bnguard.RecalibrationReport`) and ``eval_metrics``
+    (the full re-evaluation).
     """
 
     triggered: bool
     wants_recalibration: bool = False
     recalibrated: bool = False
+    reverted: bool = False
     findings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     eval_before: float | None = None
@@ -143,6 +146,13 @@ class DivergencePolicy:
             self.backoff = 1
             return replace(decision, eval_after=eval_after, diagnosis=Verdict.STALE)
         gained = self.worse_by(decision.eval_before, eval_after)
+        if gained < -self.recovery_margin:  # keep the statistics eval was better with
+            self._back_off()
+            return decision.noted(
+                f"recalibration made eval {self.monitor} worse ({decision.eval_before:.4f} -> {eval_after:.4f}): "
+                "previous statistics restored; are the recalibration batches prepared (transforms, "
+                "normalization) like the training batches?", eval_after=eval_after, gained=gained, reverted=True,
+                diagnosis=Verdict.WORSE)
         self._remember(eval_after)
         if gained < self.recovery_margin:  # whatever set it off, fresh statistics did not help
             verdict = Verdict.UNEXPLAINED

@@ -237,3 +237,19 @@ def test_a_model_without_batchnorm_says_so_once_and_records_no_recalibration(tmp
     assert len(triggered) >= 3 and all(r["recalibrated"] is False for r in rows)
     assert all(r["diagnosis"] is None and r["recal_samples"] == 0 for r in rows)
     assert "recalibrated BatchNorm on 0 samples" not in capsys.readouterr().out
+
+
+def test_a_recalibration_that_makes_eval_worse_is_undone_bit_for_bit():
+    model, data = trained_model_with_stale_statistics()
+    evaluation = toy_data(64, seed=1)
+    bnguard.recalibrate(model, list(DataLoader(data, batch_size=16)), progress=False)  # good statistics
+    before = buffers_of(model)
+    good = accuracy(model, evaluation)
+    skewed = [(images * 3 + 4, labels) for images, labels in DataLoader(data, batch_size=16)]  # prepared wrongly
+    guard = AutoRecalibrate(num_samples=64)
+    decision = guard.check(model, eval_value=good, train_value=good + 0.2,
+                           evaluate=lambda: {"eval_acc": accuracy(model, evaluation)}, batches=skewed)
+    assert decision.reverted and not decision.recalibrated and decision.diagnosis is Verdict.WORSE
+    assert decision.eval_after < good - 0.1 and "prepared (transforms, normalization)" in decision.reason
+    assert_same_tensors(before, buffers_of(model))
+    assert accuracy(model, evaluation) == good and guard.policy.cooldown == 1
