@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .hooks import Hook
+from .isolation import batchnorm_in_train_mode
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
 from .state import State
 from .tracking import Histogram, log_histograms, log_table
@@ -114,11 +115,13 @@ class BNStatsLogger(Hook):
     ``include_affine`` its weight and bias) every ``every_n_steps`` steps and, with ``on_eval``, after each
     evaluation, at the loop's global step, under ``bn/<layer>/...`` (see :func:`bn_statistics`).
 
-    At fit start it prints a torchinfo summary and logs a W&B table of the BatchNorm layers; the output
-    shapes come from a forward in eval mode on ``input_size`` or, if not given, on one training batch. On
-    every RECALIBRATED event it logs how far each layer's statistics moved, ``bn/<layer>/staleness_mean_shift_max``
-    (in new-std units) and ``bn/<layer>/staleness_log_var_ratio_max``, and the new statistics.
-    Main process only; steps that do not log cost one integer comparison.
+    It prints a torchinfo summary and logs a W&B table of the BatchNorm layers with their output shapes: at
+    fit start from ``input_size`` if given, else at the first step from the inputs of the first training
+    forward (kept by a one-shot pre-hook: no batch is drawn and no random number used, so the run is the
+    same with or without it). On every RECALIBRATED event it logs how far each layer's statistics moved,
+    ``bn/<layer>/staleness_mean_shift_max`` (in new-std units) and ``bn/<layer>/staleness_log_var_ratio_max``,
+    and the new statistics. Main process only, with no collective; steps that do not log cost one integer
+    comparison.
     """
 
     def __init__(self, every_n_steps: int = 100, on_eval: bool = True, bins: int = 64,
@@ -127,21 +130,25 @@ class BNStatsLogger(Hook):
         self.bins = check_bins(bins)
         self.include_affine, self.input_size = include_affine, input_size
         self._logged_step: int | None = None
+        self._capture: Any = None
+        self._first_input: tuple[tuple, dict] | None = None
 
     def on_fit_start(self, state: State) -> None:
         if not state.is_main_process:
             return
-        layers = list(batchnorm_layers(state.model))
-        if not layers:
+        if not any(True for _ in batchnorm_layers(state.model)):
             warnings.warn("BNStatsLogger: the model has no BatchNorm layer, nothing will be logged", stacklevel=2)
-            return
-        shapes = self._output_shapes(state)
-        columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
-        rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine,
-                 layer.track_running_stats, str(shapes.get(name, "unknown"))] for name, layer in layers]
-        log_table(state.accelerator, "bn/layers", columns, rows, state.step)
+        elif self.input_size is not None:
+            self._describe(state, {"input_size": self.input_size})
+        else:
+            self._capture = state.unwrapped_model.register_forward_pre_hook(self._keep_first_input,
+                                                                            with_kwargs=True)
 
     def on_step_end(self, state: State) -> None:
+        if self._first_input is not None:
+            args, kwargs = self._first_input
+            self._first_input = None
+            self._describe(state, {"input_data": list(args), **kwargs} if args else {"input_data": kwargs})
         if state.step % self.every_n_steps == 0:
             self._log(state)
 
@@ -158,28 +165,43 @@ class BNStatsLogger(Hook):
         self._logged_step = None  # the statistics changed: log them again even at this step
         self._log(state)
 
+    def on_fit_end(self, state: State) -> None:
+        self._stop_capturing()
+
+    def on_exception(self, state: State) -> None:
+        self._stop_capturing()
+
     def _log(self, state: State) -> None:
         if self._logged_step != state.step:  # the same statistics at the same step are logged once
             self._logged_step = state.step
             log_bn_stats(state.model, state.step, accelerator=state.accelerator, bins=self.bins,
                          include_affine=self.include_affine)
 
-    def _output_shapes(self, state: State) -> dict[str, Any]:
-        """Prints the torchinfo summary; returns each BatchNorm layer's output shape by name."""
+    def _keep_first_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._first_input = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+        self._stop_capturing()
+
+    def _stop_capturing(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    def _describe(self, state: State, inputs: dict[str, Any]) -> None:
+        """Prints the torchinfo summary and logs the layer table with each BatchNorm layer's output shape."""
         from torchinfo import summary
 
         model = state.unwrapped_model
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if self.input_size is not None:
-            kwargs: dict[str, Any] = {"input_size": self.input_size}
-        elif state.has_train_batches:
-            batch = next(iter(state.train_batches()))
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            kwargs = {"input_data": [inputs.to(device)]}
-        else:
-            print(summary(model, verbose=0))
-            return {}
-        stats = summary(model, device=device, verbose=0, **kwargs)
+        with torch.no_grad(), batchnorm_in_train_mode(model, ()):  # modes, buffers, random states kept
+            stats = summary(model, device=device, verbose=0, **inputs)
         print(stats)
         names = {id(module): name for name, module in batchnorm_layers(model)}
-        return {names[id(row.module)]: row.output_size for row in stats.summary_list if id(row.module) in names}
+        shapes = {names[id(row.module)]: row.output_size for row in stats.summary_list if id(row.module) in names}
+        columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
+        rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine,
+                 layer.track_running_stats, str(shapes.get(name, "unknown"))] for name, layer in batchnorm_layers(model)]
+        log_table(state.accelerator, "bn/layers", columns, rows, state.step)
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value

@@ -46,12 +46,15 @@ def test_every_layer_histograms_at_the_expected_steps(tmp_path):
             assert last[f"bn/{name}/log_running_var_mean"] == pytest.approx(values.log().mean().item())
 
 
-def test_layer_table_is_logged_at_fit_start(tmp_path, capsys):
-    toy_loop(tmp_path, hooks=[bnguard.BNStatsLogger()], epochs=1, tracker="wandb").fit()
+@pytest.mark.parametrize("input_size, step, shape", [(None, 1, "[4, 8, 4, 4]"), ((2, 1, 8, 8), 0, "[2, 8, 4, 4]")])
+def test_layer_table_is_logged_at_the_first_step_or_at_fit_start_given_an_input_size(tmp_path, capsys, input_size,
+                                                                                   step, shape):
+    toy_loop(tmp_path, hooks=[bnguard.BNStatsLogger(input_size=input_size)], epochs=1, tracker="wandb").fit()
     (table,) = [r for r in history(offline_run_dir(tmp_path)) if "bn/layers/_type" in r]
-    assert table["_step"] == 0 and table["bn/layers/_type"] == "table-file"
+    assert table["_step"] == step and table["bn/layers/_type"] == "table-file"
     assert (table["bn/layers/nrows"], table["bn/layers/ncols"]) == (6, 7)
-    assert "Total params" in capsys.readouterr().out  # the torchinfo summary
+    out = capsys.readouterr().out
+    assert "Total params" in out and shape in out  # the torchinfo summary, with the inputs' shapes
 
 
 class PoisonAtStep(Hook):

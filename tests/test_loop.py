@@ -222,3 +222,44 @@ def test_an_empty_eval_loader_is_an_error_not_a_zero_score(tmp_path):
     with pytest.raises(ValueError, match="no eval sample was seen"):  # data without a length, found empty later
         bnguard.metrics.MetricSums("cpu").compute("eval", "acc")
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def always_recalibrating():
+    return bnguard.AutoRecalibrate(gap_threshold=-1.0)  # every evaluation triggers: every draw matters
+
+
+def plain_records(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "recal_seconds")}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_logger_changes_nothing_in_the_run(tmp_path):
+    toy_loop(tmp_path / "without", hooks=[always_recalibrating()], epochs=3, dropout=0.3).fit()
+    logged = toy_loop(tmp_path / "with", hooks=[bnguard.BNStatsLogger(every_n_steps=2), always_recalibrating()],
+                      epochs=3, dropout=0.3)
+    logged.fit()
+    assert plain_records(tmp_path / "with") == plain_records(tmp_path / "without")
+
+
+def test_resume_is_bit_identical_with_every_hook_on(tmp_path):
+    def loop(path, extra=()):
+        return toy_loop(path, hooks=[bnguard.BNStatsLogger(every_n_steps=2), always_recalibrating(), *extra],
+                        epochs=4, dropout=0.3, checkpoint_every_epochs=1, tracker="tensorboard")
+
+    whole = loop(tmp_path / "whole")
+    whole.fit()
+
+    class Interrupt(Hook):
+        def on_epoch_start(self, state):
+            if state.epoch == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop(tmp_path / "resumed", [Interrupt()]).fit()
+    torch.manual_seed(99)
+    resumed = loop(tmp_path / "resumed")
+    resumed.fit(resume_from="latest")
+    assert plain_records(tmp_path / "resumed") == plain_records(tmp_path / "whole")
+    assert [r["recal_samples"] > 0 for r in plain_records(tmp_path / "whole")] == [True, False, True, False]
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
