@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
+from .console import WarnOnce
 from .hooks import Hook
 from .isolation import restore_statistics, saved_statistics
 from .layers import has_running_statistics
@@ -67,7 +67,7 @@ class AutoRecalibrate(Hook):
         self.probe_score = probe_score
         self.history: list[dict[str, Any]] = []
         self._last_alert = -float("inf")
-        self._warned_nothing = False
+        self._warn_once = WarnOnce()
 
     def check(
         self,
@@ -87,9 +87,7 @@ class AutoRecalibrate(Hook):
         decision = self.policy.check(eval_value, train_value, nonfinite=nonfinite)
         if decision.wants_recalibration and not has_running_statistics(model):
             decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
-            if not self._warned_nothing:
-                self._warned_nothing = True
-                warnings.warn(f"AutoRecalibrate: {NOTHING_TO_RECALIBRATE}; it only reports", stacklevel=2)
+            self._warn_once("no batchnorm", f"AutoRecalibrate: {NOTHING_TO_RECALIBRATE}; it only reports")
         if decision.wants_recalibration and self.report_only:
             decision = decision.noted("monitor mode (report_only=True): statistics left as they are",
                                       wants_recalibration=False)
@@ -125,6 +123,11 @@ class AutoRecalibrate(Hook):
         eval_key, train_key = f"eval_{self.monitor}", f"train_{self.monitor}"
         if eval_key not in state.eval_metrics:
             raise KeyError(f"AutoRecalibrate watches {eval_key!r} but the evaluation gave {sorted(state.eval_metrics)}")
+        if train_key not in state.train_metrics:
+            self._warn_once("no train metric",
+                            f"AutoRecalibrate compares {eval_key} with {train_key}, but the loop gave no {train_key} "
+                            f"(train metrics: {sorted(state.train_metrics)}): only falls below the best are "
+                            f"detected; fire TRAIN_EPOCH_END with train_metrics={{'{train_key}': ...}}")
         decision = self.check(state.model, eval_value=state.eval_metrics[eval_key],
                               train_value=state.train_metrics.get(train_key), evaluate=state.evaluate,
                               batches=state.train_batches, accelerator=state.accelerator,
@@ -151,21 +154,11 @@ class AutoRecalibrate(Hook):
             values[eval_key] = decision.eval_after
         state.log(values)
         if decision.triggered and state.is_main_process:
-            line = self._line(state, decision)
+            line = _console_line(decision, self.monitor, state)
             print(line, flush=True)
             if time.monotonic() - self._last_alert >= self.alert_every_s and alert(
                     state.accelerator, "bnguard: eval diverged from train", line):
                 self._last_alert = time.monotonic()
-
-    def _line(self, state: State, d: Decision) -> str:
-        parts = [f"bnguard: epoch {state.epoch + 1}, step {state.step}: {d.reason}"]
-        if d.recalibrated:
-            gained = f" ({d.gained:+.4f})" if d.gained is not None else ""
-            parts.append(f"recalibrated BatchNorm on {d.samples} samples in {d.seconds:.2f} s: eval {self.monitor} "
-                         f"{d.eval_before:.4f} -> {d.eval_after:.4f}{gained}")
-        if d.diagnosis:
-            parts.append(f"verdict: {d.diagnosis}")
-        return "; ".join(parts)
 
     # ---- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -178,6 +171,17 @@ class AutoRecalibrate(Hook):
 
 def _call(batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> Iterable[Any]:
     return batches() if callable(batches) else batches
+
+
+def _console_line(d: Decision, monitor: str, state: State) -> str:
+    parts = [f"bnguard: epoch {state.epoch + 1}, step {state.step}: {d.reason}"]
+    if d.recalibrated:
+        gained = f" ({d.gained:+.4f})" if d.gained is not None else ""
+        parts.append(f"recalibrated BatchNorm on {d.samples} samples in {d.seconds:.2f} s: eval {monitor} "
+                     f"{d.eval_before:.4f} -> {d.eval_after:.4f}{gained}")
+    if d.diagnosis:
+        parts.append(f"verdict: {d.diagnosis}")
+    return "; ".join(parts)
 
 
 def nonfinite_names(metrics: Mapping[str, Any]) -> list[str]:

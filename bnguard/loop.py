@@ -167,9 +167,9 @@ class Loop:
                 running = _finite(sums, sums.compute("train", self.metric_name, acc), epoch)
                 state.log({**running, "lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch})
                 bar.set_postfix({k.removeprefix("train_"): f"{v:.4f}" for k, v in running.items()})
-            if schedule.evaluates_at_step(state.step):
+            if schedule.evaluates_at_step(state.step):  # hooks compare with the epoch's train metrics so far
+                state.train_metrics = _finite(sums, sums.compute("train", self.metric_name, acc), epoch)
                 self._evaluate_with_events()
-                self.model.train()
             if state.should_stop or schedule.steps_done(state.step):
                 break
         bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .console import WarnOnce
 from .hooks import Hook
 from .recalibration import recalibrate
 from .records import RecordKeys
@@ -27,12 +28,14 @@ class PreciseBN(Hook):
         self.num_samples = positive_int("num_samples", num_samples)
         self.evaluations = 0
         self._outcome: dict[str, Any] = {}
+        self._started, self._warn_once = False, WarnOnce()
 
     def on_fit_start(self, state: State) -> None:
         if not state.has_train_batches:
             raise ValueError("PreciseBN needs training batches to recalibrate on: pass train_batches= to the runner")
 
     def on_eval_start(self, state: State) -> None:
+        self._started = True
         self.evaluations += 1
         if self.evaluations % self.every_n_evals:
             self._outcome = {RecordKeys.RECALIBRATED: False, RecordKeys.SECONDS: 0.0, RecordKeys.SAMPLES: 0,
@@ -47,6 +50,12 @@ class PreciseBN(Hook):
         state.recalibrated(report)
 
     def on_eval_end(self, state: State) -> None:
+        if not self._started:  # the loop evaluated without announcing it: nothing was recalibrated
+            self._warn_once("no eval start", "PreciseBN recalibrates at EVAL_START, but EVAL_END came without "
+                            "it: fire Event.EVAL_START before evaluating")
+            self._outcome = {RecordKeys.RECALIBRATED: False, RecordKeys.SECONDS: 0.0, RecordKeys.SAMPLES: 0,
+                             RecordKeys.REASON: "no EVAL_START was fired: nothing recalibrated"}
+        self._started = False
         state.record.update(self._outcome)
         state.log({"bnguard/recalibrated": float(self._outcome[RecordKeys.RECALIBRATED]),
                    "bnguard/recal_seconds": self._outcome[RecordKeys.SECONDS]})

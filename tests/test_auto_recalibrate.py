@@ -253,3 +253,19 @@ def test_a_recalibration_that_makes_eval_worse_is_undone_bit_for_bit():
     assert decision.eval_after < good - 0.1 and "prepared (transforms, normalization)" in decision.reason
     assert_same_tensors(before, buffers_of(model))
     assert accuracy(model, evaluation) == good and guard.policy.cooldown == 1
+
+
+def test_a_missing_train_metric_is_named_once():
+    runner = bnguard.HookRunner([AutoRecalibrate(report_only=True)], model=nn.BatchNorm1d(2),
+                                evaluate=lambda: {"eval_acc": 0.5})
+    with pytest.warns(UserWarning, match=r"gave no train_acc \(train metrics: \['train_loss'\]\)") as caught:
+        for value in (0.9, 0.5):
+            runner.fire("on_eval_end", eval_metrics={"eval_acc": value}, train_metrics={"train_loss": 0.1})
+    assert len(caught) == 1
+    assert runner.hooks[0].history[-1]["drop"] == pytest.approx(0.4)  # falls below the best are still seen
+
+
+def test_evaluation_by_steps_compares_with_the_epochs_train_metrics_so_far(tmp_path):
+    guard = AutoRecalibrate(report_only=True)
+    toy_loop(tmp_path, hooks=[guard], epochs=2, eval_every_steps=4).fit()
+    assert len(guard.history) == 3 and all(d["gap"] is not None for d in guard.history)

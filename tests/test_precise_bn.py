@@ -84,3 +84,17 @@ def test_resume_continues_the_schedule(tmp_path):
         return [{k: v for k, v in r.items() if k not in ("seconds", "recal_seconds")} for r in rows]
 
     assert strip(records(tmp_path / "resumed")) == strip(records(tmp_path / "whole"))
+
+
+def test_evaluations_without_eval_start_are_named_once(tmp_path):
+    from helpers import tiny_resnet, toy_data
+
+    runner = bnguard.HookRunner([PreciseBN()], model=tiny_resnet(),
+                                train_batches=lambda: torch.utils.data.DataLoader(toy_data(8), batch_size=4))
+    runner.fire("on_fit_start")
+    with pytest.warns(UserWarning, match="fire Event.EVAL_START before evaluating") as caught:
+        for _ in range(2):
+            runner.fire("on_eval_end", eval_metrics={"eval_acc": 0.5}, record={})
+    assert len(caught) == 1
+    assert runner.state.record == {"recalibrated": False, "recal_seconds": 0.0, "recal_samples": 0,
+                                   "reason": "no EVAL_START was fired: nothing recalibrated"}
