@@ -1,7 +1,7 @@
 """bnguard: keeps BatchNorm running statistics honest during training."""
 
 from .auto_recalibrate import AutoRecalibrate
-from .batches import default_forward
+from .batches import TrainingBatches, default_forward
 from .bn_stats import BNStatsLogger, bn_statistics, log_bn_stats
 from .events import Event
 from .hooks import Hook, HookError, HookRunner
@@ -14,6 +14,7 @@ from .records import RecordKeys
 from .report import LayerReport, RecalibrationReport
 from .run_dir import shared_output_dir
 from .state import State
+from .tracking import start_trackers
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "RecalibrationReport",
     "RecordKeys",
     "State",
+    "TrainingBatches",
     "Verdict",
     "accuracy",
     "bn_statistics",
@@ -40,4 +42,5 @@ __all__ = [
     "log_bn_stats",
     "recalibrate",
     "shared_output_dir",
+    "start_trackers",
 ]

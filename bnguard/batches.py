@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from .distributed import process_info
 from .isolation import preserved_rng
 
 
@@ -76,12 +77,22 @@ def side_batches(loader: DataLoader, *, seed: int, rank: int, world_size: int) -
 
 
 class TrainingBatches:
-    """The training batches a loop offers its hooks: each call is a new shuffle of the raw (unprepared)
-    training loader's dataset, this process's share of it. The number of draws is checkpointed, so a
-    resumed run draws the same samples as an uninterrupted one."""
+    """Training batches for hooks to recalibrate on, in any loop: each call is a new shuffle of ``loader``'s
+    dataset, batched like it, this process's share of it (rank, world size from ``accelerator`` or the
+    process group). Every sample is drawn at most once per call over all processes, no collective runs,
+    and no global random state changes, so drawing leaves the training run exactly as it was.
 
-    def __init__(self, loader: DataLoader, *, seed: int, rank: int, world_size: int):
-        self.loader, self.seed, self.rank, self.world_size = loader, seed, rank, world_size
+    ``loader`` may be the training loader before or after ``accelerator.prepare``: only its dataset, batch
+    size, collate function and workers are used, never its iterator. Register it for checkpointing
+    (``accelerator.register_for_checkpointing``) and a resumed run draws the same samples as an
+    uninterrupted one.
+    """
+
+    def __init__(self, loader: DataLoader, *, accelerator: Any = None, seed: int = 0):
+        if isinstance(getattr(loader, "dataset", None), IterableDataset) or not hasattr(loader, "dataset"):
+            raise TypeError("TrainingBatches needs a DataLoader over a map-style dataset (with __getitem__)")
+        self.loader, self.seed = loader, seed
+        self.rank, self.world_size = process_info(accelerator)
         self.draws = 0
 
     def __call__(self) -> Iterator[Any]:

@@ -87,8 +87,7 @@ class Loop:
             acc, model, optimizer, train_loader, eval_loader, scheduler)
         self.checkpoints = Checkpoints(acc, self.model, self.output_dir / "checkpoints", checkpoint_every_epochs)
         self.train_step = TrainStep(acc, self.model, self.optimizer, self.scheduler, loss_fn, max_grad_norm)
-        self.train_batches = TrainingBatches(train_loader, seed=seed, rank=acc.process_index,
-                                             world_size=acc.num_processes)
+        self.train_batches = TrainingBatches(train_loader, accelerator=acc, seed=seed)
         self.runner = HookRunner(hooks, accelerator=acc, model=self.model, optimizer=self.optimizer,
                                  evaluate=self.evaluate if self.eval_loader is not None else None,
                                  train_batches=self.train_batches)
@@ -110,8 +109,8 @@ class Loop:
             record = self.records.open(epochs_done=epoch)
             if self.schedule.finished(epoch, state.step):
                 return self.records.finished(record)
-            start_trackers(acc, self.trackers, self.project, self.output_dir, {**_run_config(self), **self.config},
-                           self.run_name)
+            start_trackers(acc, self.trackers, project=self.project, output_dir=self.output_dir,
+                           config={**_run_config(self), **self.config}, run_name=self.run_name)
             self.runner.fire(Event.FIT_START)
             while not self.schedule.finished(epoch, state.step) and not state.should_stop:
                 record = self._run_epoch(epoch)

@@ -67,6 +67,10 @@ def recalibrate(
        out for that layer and counted; a layer with no finite batch keeps its old statistics.
     7. Under autocast the statistics come from BatchNorm's own kernel, which computes them in float32 for
        half-precision inputs (in float64 accumulation on the CPU).
+    8. Everything ``batches`` yields is pooled. A loader prepared by Accelerate (with ``even_batches``, its
+       default) fills the last batch of every process with samples repeated from the start of the dataset:
+       those count too, e.g. 16 samples pooled for 13 in batches of 4 on 2 processes. Pass
+       :class:`~bnguard.TrainingBatches` to draw every sample at most once.
     """
     num_samples = positive_int("num_samples", num_samples, optional=True)
     num_batches = positive_int("num_batches", num_batches, optional=True)

@@ -52,13 +52,16 @@ def wandb_has_api_key() -> bool:
 
 
 def start_trackers(
-    accelerator: Any, names: list[str], project: str, output_dir: Path, config: dict[str, Any], run_name: str | None
+    accelerator: Any, tracker: str | list[str] | None, *, project: str, output_dir: str | Path,
+    config: dict[str, Any] | None = None, run_name: str | None = None,
 ) -> None:
-    """Starts each named tracker on the main process and appends it to ``accelerator.trackers``.
+    """Starts each tracker (``"wandb"``, ``"tensorboard"``, ``"all"``, ``"none"`` or a list) on the main
+    process and appends it to ``accelerator.trackers``; ``accelerator.end_training()`` finishes them.
 
     W&B runs offline when no API key is configured and WANDB_MODE is unset; the run's folder and the
     ``wandb sync`` command are printed. A tracker that fails to start is dropped with one warning.
     """
+    names, output_dir, config = tracker_names(tracker), Path(output_dir), dict(config or {})
     if not accelerator.is_main_process:
         return
     from accelerate.tracking import TensorBoardTracker, WandBTracker

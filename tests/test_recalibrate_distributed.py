@@ -56,3 +56,33 @@ def test_two_processes_end_identical_and_equal_to_the_union(tmp_path):
 
 def test_sync_batchnorm_on_cpu_under_gloo(tmp_path):
     check_two_ranks(tmp_path, sync=True)
+
+
+def _count_what_is_pooled(out_dir: str):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    accelerator = Accelerator(cpu=True)
+    data = TensorDataset(torch.randn(13, 1, 8, 8, generator=torch.Generator().manual_seed(3)))
+    model = make_model(sync=False)
+    prepared = accelerator.prepare(DataLoader(data, batch_size=4))
+    through_prepared = bnguard.recalibrate(model, prepared, accelerator=accelerator, progress=False)
+    drawn = bnguard.TrainingBatches(DataLoader(data, batch_size=4), accelerator=accelerator, seed=5)
+    mine = [batch[0] for batch in drawn()]
+    drawn.draws -= 1
+    report = bnguard.recalibrate(model, drawn(), accelerator=accelerator, progress=False)
+    torch.save({"prepared": through_prepared.samples, "drawn": report.samples, "mine": mine,
+                "buffers": {k: v.clone() for k, v in model.named_buffers()}},
+               f"{out_dir}/count{accelerator.process_index}.pt")
+
+
+def test_what_two_processes_pool_through_a_prepared_loader_and_through_training_batches(tmp_path):
+    launch_two_processes(_count_what_is_pooled, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"count{r}.pt") for r in (0, 1)]
+    assert [r["prepared"] for r in ranks] == [16, 16]  # 13 samples, 3 of them twice: as documented
+    assert [r["drawn"] for r in ranks] == [8, 8]  # shares of 7 and 6 in batches of 4, short ones left out
+    drawn = torch.cat([x for r in ranks for x in r["mine"]])
+    assert len({tuple(x.flatten().tolist()) for x in drawn}) == 8  # each sample at most once
+    single = make_model(sync=False)
+    bnguard.recalibrate(single, [x for r in ranks for x in r["mine"]], progress=False)
+    torch.testing.assert_close(ranks[0]["buffers"]["1.running_var"], single[1].running_var, rtol=1e-6, atol=0)
+    assert_same_tensors(ranks[0]["buffers"], ranks[1]["buffers"])
