@@ -198,8 +198,8 @@ class BNStatsLogger(Hook):
         names = {id(module): name for name, module in batchnorm_layers(model)}
         shapes = {names[id(row.module)]: row.output_size for row in stats.summary_list if id(row.module) in names}
         columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
-        rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine,
-                 layer.track_running_stats, str(shapes.get(name, "unknown"))] for name, layer in batchnorm_layers(model)]
+        rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine, layer.track_running_stats,
+                 str(shapes.get(name, "unknown"))] for name, layer in batchnorm_layers(model)]
         log_table(state.accelerator, "bn/layers", columns, rows, state.step)
 
 

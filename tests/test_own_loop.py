@@ -6,6 +6,8 @@ import pytest
 
 import bnguard
 from bnguard import Event, Hook
+from helpers import launch_two_processes
+from wandb_log import history, offline_run_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -38,14 +40,37 @@ def test_state_helpers_say_what_is_missing():
         state.train_batches()
 
 
-def test_own_loop_example_runs_the_hooks(capsys):
+def test_own_loop_example_runs_the_hooks(tmp_path, capsys):
     from own_loop import main
 
-    metrics = main(["--epochs", "2", "--limit-batches", "3"])
-    lines = re.findall(r"epoch (\d): eval accuracy ([0-9.]+)", capsys.readouterr().out)
-    assert [epoch for epoch, _ in lines] == ["1", "2"]
+    metrics = main(["--epochs", "2", "--limit-batches", "3", "--output-dir", str(tmp_path)])
+    lines = re.findall(r"epoch (\d): train accuracy [0-9.]+, eval accuracy ([0-9.]+), recalibrated (True|False)",
+                       capsys.readouterr().out)
+    assert [epoch for epoch, _, _ in lines] == ["1", "2"]
     assert float(lines[-1][1]) == pytest.approx(metrics["eval_acc"], abs=5e-4)
     assert metrics["eval_acc"] * 450 == pytest.approx(round(metrics["eval_acc"] * 450))  # 450 eval digits
+    rows = history(offline_run_dir(tmp_path))
+    assert {r["_step"] for r in rows if r.get("bn/stem.1/running_var/_type") == "histogram"} >= {3, 6}
+
+
+def _own_loop_on_two_ranks(out_dir: str):
+    import torch
+    from accelerate.state import PartialState
+
+    from own_loop import main
+
+    metrics = main(["--epochs", "2", "--limit-batches", "3", "--output-dir", out_dir])
+    torch.save(metrics, f"{out_dir}/rank{PartialState().process_index}.pt")
+
+
+def test_own_loop_example_on_two_processes(tmp_path):
+    import torch
+
+    launch_two_processes(_own_loop_on_two_ranks, str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0 == rank1
+    rows = history(offline_run_dir(tmp_path))  # one W&B run, written by the main process
+    assert {r["_step"] for r in rows if r.get("bn/stem.1/running_var/_type") == "histogram"} >= {3}
 
 
 def test_state_says_what_the_loop_gave_it():
@@ -64,3 +89,30 @@ def test_state_checkpoints_where_the_run_is():
     restored = bnguard.HookRunner([]).state
     restored.load_state_dict(runner.state.state_dict())
     assert (restored.epoch, restored.step) == (3, 120)
+
+
+def readme_snippet() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = "<!-- own-loop snippet: run on 2 processes by tests/test_own_loop.py -->"
+    block = readme.split(marker, 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _run_readme_snippet(out_dir: str):
+    import torch
+
+    namespace: dict = {}
+    exec(compile(readme_snippet(), "README.md own-loop snippet", "exec"), namespace)  # noqa: S102 - our README
+    runner, accelerator = namespace["runner"], namespace["accelerator"]
+    torch.save({"record": runner.state.record, "history": runner.hooks[1].history},
+               f"{out_dir}/snippet{accelerator.process_index}.pt")
+
+
+def test_the_readme_own_loop_snippet_runs_as_written_on_two_processes(tmp_path):
+    import torch
+
+    launch_two_processes(_run_readme_snippet, str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"snippet{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(rank0["history"]) == 3  # one decision per epoch, the same on both ranks
+    assert rank0["history"] == [{**d, "seconds": a["seconds"]} for d, a in zip(rank1["history"], rank0["history"])]
+    assert rank0["record"]["reason"] == rank1["record"]["reason"]
