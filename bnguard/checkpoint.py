@@ -122,7 +122,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
         try:
             verify_checkpoint(path)
         except CheckpointError as error:
-            warnings.warn(f"{error}; falling back to an older checkpoint", stacklevel=2)
+            warnings.warn(f"{error}; falling back to an older checkpoint", stacklevel=4)  # at the fit() call
             continue
         return path
     return None
