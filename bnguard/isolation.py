@@ -53,9 +53,11 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 @contextmanager
-def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm]) -> Iterator[None]:
-    """Puts ``layers`` in train mode (every other module keeps its mode) with the running buffers of every
-    BatchNorm layer of ``model`` swapped for scratch copies, so forward passes inside write no statistic.
+def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm], *,
+                            others_eval: bool = False) -> Iterator[None]:
+    """Puts ``layers`` in train mode (every other module in eval mode with ``others_eval``, else in the mode
+    it has) with the running buffers of every BatchNorm layer of ``model`` swapped for scratch copies, so
+    forward passes inside write no statistic.
 
     On exit, whatever happens: the original buffer tensors are back in place, untouched, and every module's
     mode and the global random states are as before (dropout inside draws from the same stream as it would
@@ -68,6 +70,9 @@ def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm]) -> I
         try:
             for layer, buffers in saved.items():
                 layer._buffers.update({k: v.clone() if v is not None else None for k, v in buffers.items()})
+            if others_eval:
+                for module, _ in modes:
+                    module.training = False
             for layer in layers:
                 layer.training = True
             yield

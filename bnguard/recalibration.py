@@ -37,6 +37,8 @@ def recalibrate(
     forward: Forward | None = None,
     accelerator: Any = None,
     modules: LayerSelection | None = None,
+    include_frozen: bool = False,
+    keep_modes: bool = False,
     progress: bool = True,
 ) -> RecalibrationReport:
     """Re-estimates ``running_mean`` / ``running_var`` of the model's BatchNorm layers for its current weights.
@@ -46,9 +48,11 @@ def recalibrate(
     of all the elements it saw: the count-weighted mean and the unbiased variance of their union, spread of
     the batch means included, merged in float64. Returns a :class:`RecalibrationReport`.
 
-    1. Only the recalibrated BatchNorm layers are in train mode during the passes; every other module keeps
-       its mode, so dropout stays on in a model left in train mode. Afterwards modes, momenta, hooks,
-       parameters, gradients, optimizer state and the global random states are exactly as before.
+    1. The statistics are those of the inputs each layer gets in eval mode, which is where running
+       statistics are used: during the passes only the recalibrated BatchNorm layers are in train mode and
+       every other module is in eval mode (no dropout, no stochastic depth). ``keep_modes=True`` leaves
+       every other module in the mode it has instead. Afterwards modes, momenta, hooks, parameters,
+       gradients, optimizer state and the global random states are exactly as before.
     2. Atomic: the buffers are not touched until every pass (and the cross-process merge) has succeeded. An
        exception, KeyboardInterrupt included, leaves them bit-identical and propagates.
     3. ``num_batches_tracked`` of a recalibrated layer afterwards holds the number of layer calls pooled into
@@ -60,9 +64,11 @@ def recalibrate(
        and the per-layer statistics are merged exactly in rank order, so every rank ends with bit-identical
        buffers. Every process must call this; an exception on one rank leaves the others waiting in the merge.
        SyncBatchNorm layers normalize with per-process batch statistics during the passes.
-    6. Skipped, with the reason in the report: layers with ``track_running_stats=False``, uninitialized lazy
-       layers (the forward passes initialize them as any forward would), layers left out by ``modules`` (an
-       iterable of layers, or a ``(name, layer) -> bool`` filter), and layers that saw no input. A layer
+    6. Skipped, with the reason in the report, and left bit-identical: layers with
+       ``track_running_stats=False``, uninitialized lazy layers (the forward passes initialize them as any
+       forward would), layers left out by ``modules`` (an iterable of layers, or a ``(name, layer) -> bool``
+       filter), layers that saw no input, and frozen layers: BatchNorm layers in eval mode in a model in
+       train mode (the fine-tuning idiom), unless ``include_frozen=True``. A layer
        called more than once per forward pools every call. A batch whose statistics are not finite is left
        out for that layer and counted; a layer with no finite batch keeps its old statistics.
     7. Under autocast the statistics come from BatchNorm's own kernel, which computes them in float32 for
@@ -82,7 +88,7 @@ def recalibrate(
         warnings.warn(f"{type(inner).__name__} has no BatchNorm layer: nothing to recalibrate", stacklevel=2)
         return RecalibrationReport()
 
-    reasons = _skip_reasons(layers, modules)
+    reasons = _skip_reasons(layers, modules, frozen=inner.training and not include_frozen)
     accumulators = {layer: LayerAccumulator(layer) for name, layer in layers if name not in reasons}
     if not accumulators:
         return RecalibrationReport([LayerReport(name=name, skipped=reasons[name]) for name, _ in layers])
@@ -93,7 +99,7 @@ def recalibrate(
     batch_budget = split_budget(num_batches, rank, world_size)
     bar = tqdm(desc="recalibrating BatchNorm", unit="batch", total=_expected_batches(batches, batch_budget),
                disable=not show_progress(progress, rank == 0), leave=False)
-    with bar, _passes(inner, accumulators):
+    with bar, _passes(inner, accumulators, keep_modes):
         seen_batches, seen_samples = _run_passes(
             inner, batches, forward, batch_budget, split_budget(num_samples, rank, world_size), bar
         )
@@ -106,7 +112,8 @@ def recalibrate(
                                seconds=time.perf_counter() - started)
 
 
-def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection | None) -> dict[str, str]:
+def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection | None,
+                  frozen: bool) -> dict[str, str]:
     if modules is None:
         chosen = None
     elif callable(modules) and not isinstance(modules, nn.Module):
@@ -128,17 +135,19 @@ def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection 
             reasons[name] = "uninitialized lazy layer"
         elif chosen is not None and id(layer) not in chosen:
             reasons[name] = "excluded"
+        elif frozen and not layer.training:
+            reasons[name] = "frozen: eval mode in a model in train mode (include_frozen=True to recalibrate)"
     return reasons
 
 
 @contextmanager
-def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator]) -> Iterator[None]:
-    """The recalibrated layers in train mode at momentum 1, each feeding its accumulator; every change,
-    and every buffer, restored whatever happens."""
+def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator], keep_modes: bool) -> Iterator[None]:
+    """The recalibrated layers in train mode at momentum 1, each feeding its accumulator, the rest in eval
+    mode unless ``keep_modes``; every change, and every buffer, restored whatever happens."""
     momenta = {layer: layer.momentum for layer in accumulators}
     own_forward = {layer: layer.__dict__.get("forward") for layer in accumulators}
     handles = []
-    with batchnorm_in_train_mode(model, accumulators):
+    with batchnorm_in_train_mode(model, accumulators, others_eval=not keep_modes):
         try:
             for layer, accumulator in accumulators.items():
                 layer.momentum = 1.0

@@ -9,13 +9,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def reference_statistics(model: nn.Module, batches, seed: int | None = None) -> dict[str, tuple]:
-    """Pooled float64 mean and unbiased variance of every BN layer's input, captured by forward pre-hooks
-    on a copy of the model run the way recalibration runs it (BN layers in train mode, others as they are)."""
+def reference_statistics(model: nn.Module, batches, seed: int | None = None, keep_modes: bool = False,
+                         only: set[str] | None = None) -> dict:
+    """Pooled float64 mean and unbiased variance of every BN layer's input (or of the layers named in
+    ``only``), captured by forward pre-hooks on a copy of the model run the way recalibration runs it: those
+    BN layers in train mode, every other module in eval mode (or, with keep_modes, as it is)."""
     model = copy.deepcopy(model)
+    if not keep_modes:
+        model.eval()
     seen: dict[str, list[torch.Tensor]] = {}
     for name, layer in model.named_modules():
-        if isinstance(layer, _BatchNorm):
+        if isinstance(layer, _BatchNorm) and (only is None or name in only):
             layer.train()
 
             def capture(module, args, name=name):

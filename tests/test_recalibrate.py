@@ -59,15 +59,27 @@ def resnet18_with_dropout() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("center", [0.0, 100.0])
-def test_resnet18_matches_float64_reference(center):
-    model = resnet18_with_dropout().train()  # dropout stays active: the reference replays its RNG stream
+@pytest.mark.parametrize("center, keep_modes", [(0.0, False), (100.0, False), (0.0, True), (100.0, True)])
+def test_resnet18_matches_float64_reference(center, keep_modes):
+    # Dropout is off during the passes by default; with keep_modes it stays on and the reference replays its
+    # random stream.
+    model = resnet18_with_dropout().train()
     batches = [torch.randn(n, 3, 32, 32) + center for n in (8, 8, 5)]
-    reference = reference_statistics(model, batches, seed=7)
+    reference = reference_statistics(model, batches, seed=7, keep_modes=keep_modes)
     torch.manual_seed(7)
-    report = bnguard.recalibrate(model, batches, progress=False)
+    report = bnguard.recalibrate(model, batches, keep_modes=keep_modes, progress=False)
     assert len(report.recalibrated) == 20
     assert_matches_reference(model, reference)
+
+
+def test_dropout_is_off_during_the_passes_unless_asked():
+    model = resnet18_with_dropout().train()
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    default, kept = copy.deepcopy(model), copy.deepcopy(model)
+    bnguard.recalibrate(default, batches, progress=False)
+    bnguard.recalibrate(kept, batches, keep_modes=True, progress=False)
+    assert not torch.equal(default.layer2[1][0].bn1.running_var, kept.layer2[1][0].bn1.running_var)
+    assert torch.equal(default.layer1[0].bn1.running_var, kept.layer1[0].bn1.running_var)  # before any dropout
 
 
 def test_state_is_restored_and_parameters_untouched():
@@ -200,6 +212,43 @@ def test_skipped_layers_are_reported_and_untouched():
     }
     assert_same_tensors(excluded_before, buffers_of(model[2]))
     assert unused.num_batches_tracked.item() == 0 and torch.equal(unused.running_var, torch.ones(3))
+    lazy = model[4]  # initialized by the passes, as any forward would, but its statistics not moved
+    assert lazy.num_batches_tracked.item() == 0 and torch.equal(lazy.running_mean, torch.zeros(3))
+
+
+def fine_tuning_resnet18():
+    """torchvision's resnet18 set up for fine-tuning the usual way: train mode, then every BatchNorm layer of
+    the backbone back in eval mode with its affine parameters frozen; the new head's BatchNorm trains."""
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():  # "pretrained" statistics, not the defaults
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.uniform_(-1, 1)
+                layer.running_var.uniform_(0.5, 2)
+    model.fc = nn.Sequential(nn.Linear(512, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    model.train()
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.eval()
+            layer.weight.requires_grad_(False)
+            layer.bias.requires_grad_(False)
+    return model
+
+
+def test_frozen_batchnorm_keeps_its_statistics_unless_included():
+    model = fine_tuning_resnet18()
+    before = buffers_of(model)
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    reference = reference_statistics(model, batches, only={"fc.1"})
+    report = bnguard.recalibrate(model, batches, progress=False)
+    assert [layer.name for layer in report.recalibrated] == ["fc.1"]
+    assert all(layer.skipped.startswith("frozen") for layer in report.skipped) and len(report.skipped) == 20
+    assert_same_tensors({k: v for k, v in before.items() if not k.startswith("fc.")},
+                        {k: v for k, v in buffers_of(model).items() if not k.startswith("fc.")})
+    assert_matches_reference(model, reference)
+    assert not model.bn1.training and model.fc[1].training  # modes as they were
+    everything = fine_tuning_resnet18()
+    assert len(bnguard.recalibrate(everything, batches, include_frozen=True, progress=False).recalibrated) == 21
 
 
 def test_modules_given_as_layers_and_rejected_when_not_batchnorm():
