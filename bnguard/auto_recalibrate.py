@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from .console import WarnOnce
+from .frozen import FrozenDuringTraining
 from .hooks import Hook
 from .isolation import restore_statistics, saved_statistics
 from .layers import has_running_statistics
@@ -37,7 +38,8 @@ class AutoRecalibrate(Hook):
     ``probe_samples`` turns on a cheap check first: ``probe_score(outputs, batch)`` (per-sample; default
     accuracy) in eval mode against batch statistics on that many training samples, which skips the
     recalibration when the two agree. ``report_only=True`` detects and reports but never changes the
-    statistics. The README explains how the defaults were chosen.
+    statistics. BatchNorm layers that were not updating their statistics during training (frozen for
+    fine-tuning) keep them, unless ``include_frozen=True``. The README explains how the defaults were chosen.
 
     Outside :class:`bnguard.Loop`, call :meth:`check` after evaluating.
     """
@@ -56,6 +58,7 @@ class AutoRecalibrate(Hook):
         probe_samples: int | None = None,
         probe_score: Score = batch_accuracy,
         report_only: bool = False,
+        include_frozen: bool = False,
         alert_every_s: float = 3600.0,
     ):
         self.policy = DivergencePolicy(monitor=monitor, higher_is_better=higher_is_better,
@@ -64,10 +67,9 @@ class AutoRecalibrate(Hook):
         self.monitor, self.report_only, self.alert_every_s = monitor, report_only, alert_every_s
         self.num_samples = positive_int("num_samples", num_samples)
         self.probe_samples = positive_int("probe_samples", probe_samples, optional=True)
-        self.probe_score = probe_score
+        self.probe_score, self.include_frozen = probe_score, include_frozen
         self.history: list[dict[str, Any]] = []
-        self._last_alert = -float("inf")
-        self._warn_once = WarnOnce()
+        self._last_alert, self._warn_once, self._frozen = -float("inf"), WarnOnce(), FrozenDuringTraining()
 
     def check(
         self,
@@ -79,11 +81,13 @@ class AutoRecalibrate(Hook):
         batches: Iterable[Any] | Callable[[], Iterable[Any]],
         accelerator: Any = None,
         nonfinite: Sequence[str] = (),
+        frozen: Iterable[nn.Module] | None = None,
     ) -> Decision:
         """Decides after one evaluation and acts on it; returns the :class:`Decision` (with the new eval
         value when it recalibrated). ``batches``: training batches, or a callable giving them, only called
         when a recalibration or probe happens; ``nonfinite``: the names of NaN/Inf metrics (see
-        :meth:`DivergencePolicy.check`). Every process must call it with the same (gathered) metrics."""
+        :meth:`DivergencePolicy.check`); ``frozen``: BatchNorm layers to leave alone (see :func:`recalibrate`).
+        Every process must call it with the same (gathered) metrics."""
         decision = self.policy.check(eval_value, train_value, nonfinite=nonfinite)
         if decision.wants_recalibration and not has_running_statistics(model):
             decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
@@ -96,15 +100,16 @@ class AutoRecalibrate(Hook):
                                           accelerator=accelerator)
             decision = self.policy.judge_probe(decision, eval_mode, train_mode)
         if decision.wants_recalibration:
-            decision = self._recalibrate(decision, model, evaluate, _call(batches), accelerator)
+            decision = self._recalibrate(decision, model, evaluate, _call(batches), accelerator, frozen)
         self.history.append(decision.summary())
         return decision
 
     def _recalibrate(self, decision: Decision, model: nn.Module, evaluate: Callable[[], Any],
-                     batches: Iterable[Any], accelerator: Any) -> Decision:
+                     batches: Iterable[Any], accelerator: Any, frozen: Iterable[nn.Module] | None) -> Decision:
         started = time.perf_counter()
         previous = saved_statistics(model)
-        report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator, progress=False)
+        report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator, frozen=frozen,
+                             include_frozen=self.include_frozen, progress=False)
         result = evaluate()
         metrics = dict(result) if isinstance(result, Mapping) else {f"eval_{self.monitor}": float(result)}
         judged = self.policy.judge_recalibration(decision, metrics[f"eval_{self.monitor}"],
@@ -119,6 +124,9 @@ class AutoRecalibrate(Hook):
         if not state.has_evaluation:
             raise ValueError("AutoRecalibrate needs evaluation: give the loop an eval_loader")
 
+    def on_step_end(self, state: State) -> None:
+        self._frozen.observe(state)
+
     def on_eval_end(self, state: State) -> None:
         eval_key, train_key = f"eval_{self.monitor}", f"train_{self.monitor}"
         if eval_key not in state.eval_metrics:
@@ -131,7 +139,8 @@ class AutoRecalibrate(Hook):
         decision = self.check(state.model, eval_value=state.eval_metrics[eval_key],
                               train_value=state.train_metrics.get(train_key), evaluate=state.evaluate,
                               batches=state.train_batches, accelerator=state.accelerator,
-                              nonfinite=nonfinite_names({**state.train_metrics, **state.eval_metrics}))
+                              nonfinite=nonfinite_names({**state.train_metrics, **state.eval_metrics}),
+                              frozen=self._frozen.layers)
         if decision.recalibrated:
             state.eval_metrics = {**state.eval_metrics, **decision.eval_metrics}
             state.recalibrated(decision.report)

@@ -44,3 +44,8 @@ def tracks_statistics(layer: _BatchNorm) -> bool:
 def has_running_statistics(model: nn.Module) -> bool:
     """Whether any BatchNorm layer of the model keeps running statistics that recalibration could set."""
     return any(tracks_statistics(layer) for _, layer in batchnorm_layers(model))
+
+
+def frozen_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers whose running statistics are not updating now: eval mode or no tracking."""
+    return [layer for _, layer in batchnorm_layers(model) if not (layer.training and tracks_statistics(layer))]

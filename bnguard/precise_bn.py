@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from .console import WarnOnce
+from .frozen import FrozenDuringTraining
 from .hooks import Hook
 from .recalibration import recalibrate
 from .records import RecordKeys
@@ -20,12 +21,14 @@ class PreciseBN(Hook):
     ``recal_samples`` (see :class:`~bnguard.RecordKeys`) for every evaluation.
 
     Unlike :class:`~bnguard.AutoRecalibrate` it does not look at the metrics first: it costs a recalibration
-    per scheduled evaluation and never lets stale statistics reach one.
+    per scheduled evaluation and never lets stale statistics reach one. BatchNorm layers that were not
+    updating their statistics during training (frozen for fine-tuning) keep them, unless ``include_frozen``.
     """
 
-    def __init__(self, every_n_evals: int = 1, *, num_samples: int = 4096):
+    def __init__(self, every_n_evals: int = 1, *, num_samples: int = 4096, include_frozen: bool = False):
         self.every_n_evals = positive_int("every_n_evals", every_n_evals)
         self.num_samples = positive_int("num_samples", num_samples)
+        self.include_frozen, self._frozen = include_frozen, FrozenDuringTraining()
         self.evaluations = 0
         self._outcome: dict[str, Any] = {}
         self._started, self._warn_once = False, WarnOnce()
@@ -33,6 +36,9 @@ class PreciseBN(Hook):
     def on_fit_start(self, state: State) -> None:
         if not state.has_train_batches:
             raise ValueError("PreciseBN needs training batches to recalibrate on: pass train_batches= to the runner")
+
+    def on_step_end(self, state: State) -> None:
+        self._frozen.observe(state)
 
     def on_eval_start(self, state: State) -> None:
         self._started = True
@@ -43,7 +49,8 @@ class PreciseBN(Hook):
             return
         started = time.perf_counter()
         report = recalibrate(state.model, state.train_batches(), num_samples=self.num_samples,
-                             accelerator=state.accelerator, progress=False)
+                             accelerator=state.accelerator, frozen=self._frozen.layers,
+                             include_frozen=self.include_frozen, progress=False)
         seconds = time.perf_counter() - started
         self._outcome = {RecordKeys.RECALIBRATED: True, RecordKeys.SECONDS: seconds,
                          RecordKeys.SAMPLES: report.samples, RecordKeys.REASON: self._schedule()}

@@ -37,6 +37,7 @@ def recalibrate(
     forward: Forward | None = None,
     accelerator: Any = None,
     modules: LayerSelection | None = None,
+    frozen: Iterable[nn.Module] | None = None,
     include_frozen: bool = False,
     keep_modes: bool = False,
     progress: bool = True,
@@ -67,8 +68,9 @@ def recalibrate(
     6. Skipped, with the reason in the report, and left bit-identical: layers with
        ``track_running_stats=False``, uninitialized lazy layers (the forward passes initialize them as any
        forward would), layers left out by ``modules`` (an iterable of layers, or a ``(name, layer) -> bool``
-       filter), layers that saw no input, and frozen layers: BatchNorm layers in eval mode in a model in
-       train mode (the fine-tuning idiom), unless ``include_frozen=True``. A layer
+       filter), layers that saw no input, and frozen layers, unless ``include_frozen=True``: those given as
+       ``frozen``, or by default the BatchNorm layers in eval mode in a model in train mode (the fine-tuning
+       idiom). A layer
        called more than once per forward pools every call. A batch whose statistics are not finite is left
        out for that layer and counted; a layer with no finite batch keeps its old statistics.
     7. Under autocast the statistics come from BatchNorm's own kernel, which computes them in float32 for
@@ -88,7 +90,11 @@ def recalibrate(
         warnings.warn(f"{type(inner).__name__} has no BatchNorm layer: nothing to recalibrate", stacklevel=2)
         return RecalibrationReport()
 
-    reasons = _skip_reasons(layers, modules, frozen=inner.training and not include_frozen)
+    if include_frozen:
+        frozen = ()
+    elif frozen is None:
+        frozen = [layer for _, layer in layers if inner.training and not layer.training]
+    reasons = _skip_reasons(layers, modules, {id(layer) for layer in frozen})
     accumulators = {layer: LayerAccumulator(layer) for name, layer in layers if name not in reasons}
     if not accumulators:
         return RecalibrationReport([LayerReport(name=name, skipped=reasons[name]) for name, _ in layers])
@@ -113,7 +119,7 @@ def recalibrate(
 
 
 def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection | None,
-                  frozen: bool) -> dict[str, str]:
+                  frozen: set[int]) -> dict[str, str]:
     if modules is None:
         chosen = None
     elif callable(modules) and not isinstance(modules, nn.Module):
@@ -135,8 +141,8 @@ def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection 
             reasons[name] = "uninitialized lazy layer"
         elif chosen is not None and id(layer) not in chosen:
             reasons[name] = "excluded"
-        elif frozen and not layer.training:
-            reasons[name] = "frozen: eval mode in a model in train mode (include_frozen=True to recalibrate)"
+        elif id(layer) in frozen:
+            reasons[name] = "frozen: its statistics were not updating in training (include_frozen=True)"
     return reasons
 
 

@@ -1,0 +1,76 @@
+"""Fine-tuning with frozen BatchNorm: the hooks leave the layers training left alone."""
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import bnguard
+from helpers import Residual, buffers_of, toy_data
+
+
+class FineTuned(nn.Module):
+    """A "pretrained" stem whose BatchNorm stays frozen whatever train() is told (the usual override), and a
+    new block that trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = Residual(4, 8, stride=2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        with torch.no_grad():
+            self.stem[1].running_mean.uniform_(-1, 1)
+            self.stem[1].running_var.uniform_(0.5, 2)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.stem[1].eval()
+        return self
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_precise_bn_in_the_loop_keeps_frozen_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = FineTuned()
+    pretrained = buffers_of(model.stem[1])
+    reports = []
+
+    class Keep(bnguard.Hook):
+        def on_recalibrated(self, state):
+            reports.append(state.recalibration)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loop = bnguard.Loop(model, optimizer, DataLoader(toy_data(24), batch_size=4, shuffle=True),
+                        eval_loader=DataLoader(toy_data(8, seed=1), batch_size=4), epochs=2,
+                        hooks=[bnguard.PreciseBN(), Keep()], output_dir=tmp_path, progress=False)
+    loop.fit()
+    trained = loop.accelerator.unwrap_model(loop.model)
+    for name, value in pretrained.items():
+        assert torch.equal(buffers_of(trained.stem[1])[name], value), name
+    assert len(reports) == 2 and all(
+        {layer.name: layer.skipped is None for layer in report.layers} ==
+        {"stem.1": False, "block.bn1": True, "block.bn2": True, "block.project.1": True} for report in reports)
+
+
+def test_auto_recalibrate_remembers_what_trained_even_if_evaluation_leaves_eval_mode():
+    torch.manual_seed(0)
+    model = FineTuned().train()
+    frozen_before, trained_before = buffers_of(model.stem[1]), buffers_of(model.block.bn1)
+    batches = list(DataLoader(toy_data(16), batch_size=8))
+    guard = bnguard.AutoRecalibrate(num_samples=16)
+    runner = bnguard.HookRunner([guard], model=model, evaluate=lambda: {"eval_acc": 0.9},
+                                train_batches=lambda: batches)
+    runner.fire("on_step_end", step=1)  # the loop trains: the stem's BatchNorm is not updating
+    model.eval()  # an evaluate() that forgets to put the model back in train mode
+    runner.fire("on_eval_end", eval_metrics={"eval_acc": 0.3}, train_metrics={"train_acc": 0.9})
+    assert guard.history[-1]["recalibrated"]
+    assert all(torch.equal(buffers_of(model.stem[1])[k], v) for k, v in frozen_before.items())
+    assert not torch.equal(buffers_of(model.block.bn1)["running_var"], trained_before["running_var"])
+
+    everything = bnguard.AutoRecalibrate(num_samples=16, include_frozen=True)
+    runner = bnguard.HookRunner([everything], model=model, evaluate=lambda: {"eval_acc": 0.9},
+                                train_batches=lambda: batches)
+    runner.fire("on_step_end", step=1)
+    runner.fire("on_eval_end", eval_metrics={"eval_acc": 0.3}, train_metrics={"train_acc": 0.9})
+    assert not torch.equal(buffers_of(model.stem[1])["running_var"], frozen_before["running_var"])
