@@ -426,3 +426,44 @@ def test_ctrl_c_while_writing_the_statistics_writes_all_layers_or_none(monkeypat
     with pytest.raises(KeyboardInterrupt):
         bnguard.recalibrate(model, batches, progress=False)
     assert_same_tensors(buffers_of(expected), buffers_of(model))  # all six layers new
+
+
+def test_warnings_point_at_the_callers_line():
+    with pytest.warns(UserWarning, match="no BatchNorm layer") as caught:
+        bnguard.recalibrate(nn.Linear(2, 2), [torch.randn(3, 2)], progress=False)
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match="non-finite statistics") as caught:
+        bnguard.recalibrate(nn.BatchNorm1d(2), [torch.randn(4, 2), torch.full((4, 2), float("nan"))], progress=False)
+    assert caught[0].filename == __file__
+
+
+def test_a_model_on_the_meta_device_is_refused_before_any_pass():
+    with torch.device("meta"):
+        model = tiny_resnet()
+
+    def never():
+        raise AssertionError("no batch may be drawn")
+        yield
+
+    with pytest.raises(ValueError, match="on the meta device .* materialize it"):
+        bnguard.recalibrate(model, never(), progress=False)
+
+
+def test_a_selection_of_no_layer_says_so():
+    model = tiny_resnet()
+    before = buffers_of(model)
+    with pytest.warns(UserWarning, match="modules= selects none of the model's 6 BatchNorm layers"):
+        report = bnguard.recalibrate(model, [torch.randn(4, 1, 8, 8)], modules=lambda name, layer: False,
+                                     progress=False)
+    assert report.recalibrated == [] and {layer.skipped for layer in report.layers} == {"excluded"}
+    assert_same_tensors(before, buffers_of(model))
+
+
+def test_instance_norm_with_running_statistics_is_named_as_not_recalibrated():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.InstanceNorm2d(3, track_running_stats=True), nn.BatchNorm2d(3),
+                          nn.GroupNorm(1, 3))
+    before = buffers_of(model[1])
+    with pytest.warns(UserWarning, match="InstanceNorm layers with running statistics are not recalibrated: 1$"):
+        report = bnguard.recalibrate(model, [torch.randn(4, 1, 6, 6)], progress=False)
+    assert [layer.name for layer in report.recalibrated] == ["2"]
+    assert_same_tensors(before, buffers_of(model[1]))
