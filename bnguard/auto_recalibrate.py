@@ -20,7 +20,7 @@ from .policy import Decision, DivergencePolicy
 from .probe import Score, probe
 from .recalibration import recalibrate
 from .records import RecordKeys
-from .state import State
+from .state import NO_TRAIN_BATCHES, State
 from .tracking import alert
 from .validation import positive_int
 
@@ -83,11 +83,10 @@ class AutoRecalibrate(Hook):
         nonfinite: Sequence[str] = (),
         frozen: Iterable[nn.Module] | None = None,
     ) -> Decision:
-        """Decides after one evaluation and acts on it; returns the :class:`Decision` (with the new eval
-        value when it recalibrated). ``batches``: training batches, or a callable giving them, only called
-        when a recalibration or probe happens; ``nonfinite``: the names of NaN/Inf metrics (see
-        :meth:`DivergencePolicy.check`); ``frozen``: BatchNorm layers to leave alone (see :func:`recalibrate`).
-        Every process must call it with the same (gathered) metrics."""
+        """Decides after one evaluation and acts on it; returns the :class:`Decision`. ``batches``: training
+        batches, or a callable giving them (called only to recalibrate or probe); ``nonfinite``: the NaN/Inf
+        metrics' names; ``frozen``: BatchNorm layers to leave alone. Every process must call it, with the
+        same (gathered) metrics."""
         decision = self.policy.check(eval_value, train_value, nonfinite=nonfinite)
         if decision.wants_recalibration and not has_running_statistics(model):
             decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
@@ -123,6 +122,8 @@ class AutoRecalibrate(Hook):
     def on_fit_start(self, state: State) -> None:
         if not state.has_evaluation:
             raise ValueError("AutoRecalibrate needs evaluation: give the loop an eval_loader")
+        if not state.has_train_batches and not self.report_only:
+            raise ValueError(f"AutoRecalibrate needs training batches to recalibrate on: {NO_TRAIN_BATCHES}")
 
     def on_step_end(self, state: State) -> None:
         self._frozen.observe(state)

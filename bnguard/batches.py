@@ -3,7 +3,7 @@ recalibration without disturbing the training run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -105,3 +105,32 @@ class TrainingBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.draws = state["draws"]
+
+
+class LoaderBatches:
+    """Training batches for hooks from a loader of their own (``recalibration_loader``): each call iterates
+    it afresh, as given. Any iterable works, streams included; one shorter than a recalibration budget is
+    simply used whole. On several processes each iterates its own copy: give each its own share."""
+
+    def __init__(self, loader: Iterable[Any]):
+        self.loader = loader
+
+    def __call__(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        return None
+
+
+def hook_batches(train_loader: Any, recalibration_loader: Iterable[Any] | None, *, accelerator: Any,
+                 seed: int) -> TrainingBatches | LoaderBatches | None:
+    """What a loop offers its hooks: ``recalibration_loader`` when given, else fresh shuffles of the training
+    set when it can be indexed, else nothing (a stream: hooks that need batches then say so)."""
+    if recalibration_loader is not None:
+        return LoaderBatches(recalibration_loader)
+    if isinstance(getattr(train_loader, "dataset", None), IterableDataset) or not hasattr(train_loader, "dataset"):
+        return None
+    return TrainingBatches(train_loader, accelerator=accelerator, seed=seed)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .batches import TrainingBatches
+from .batches import hook_batches
 from .checkpoint import Checkpoints, resolve_checkpoint
 from .console import show_progress
 from .events import Event
@@ -55,6 +55,7 @@ class Loop:
         project, run_name, config: the trackers' project and run name, and extra values for the run config.
         metric, metric_name: per-sample scores ``metric(outputs, targets)`` (default accuracy), logged as
             ``train_<metric_name>`` / ``eval_<metric_name>``.
+        recalibration_loader: batches for hooks to recalibrate on, streams too (default: training set shuffles).
         seed, progress: seeds the training batches drawn for hooks; show a progress bar on a terminal.
     """
 
@@ -68,7 +69,7 @@ class Loop:
         checkpoint_every_epochs: int | None = None, output_dir: str | Path | None = None,
         tracker: str | list[str] | None = None, project: str = "bnguard", run_name: str | None = None,
         config: dict[str, Any] | None = None, metric: Metric = accuracy, metric_name: str = "acc", seed: int = 0,
-        progress: bool = True,
+        progress: bool = True, recalibration_loader: Iterable[Any] | None = None,
     ):
         hooks = checked_hooks(hooks)
         self.schedule = Schedule.checked(
@@ -87,13 +88,13 @@ class Loop:
             acc, model, optimizer, train_loader, eval_loader, scheduler)
         self.checkpoints = Checkpoints(acc, self.model, self.output_dir / "checkpoints", checkpoint_every_epochs)
         self.train_step = TrainStep(acc, self.model, self.optimizer, self.scheduler, loss_fn, max_grad_norm)
-        self.train_batches = TrainingBatches(train_loader, accelerator=acc, seed=seed)
+        self.train_batches = hook_batches(train_loader, recalibration_loader, accelerator=acc, seed=seed)
         self.runner = HookRunner(hooks, accelerator=acc, model=self.model, optimizer=self.optimizer,
                                  evaluate=self.evaluate if self.eval_loader is not None else None,
                                  train_batches=self.train_batches)
         self.state = self.runner.state
         self.config = dict(config or {})
-        acc.register_for_checkpointing(self.state, self.runner, self.train_batches)
+        acc.register_for_checkpointing(self.state, self.runner, *filter(None, [self.train_batches]))
 
     def fit(self, resume_from: str | Path | None = None, *, missing_ok: bool = False) -> dict[str, Any]:
         """Trains, firing events; returns the last epoch's record. ``resume_from``: a checkpoint folder or

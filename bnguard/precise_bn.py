@@ -10,7 +10,7 @@ from .frozen import FrozenDuringTraining
 from .hooks import Hook
 from .recalibration import recalibrate
 from .records import RecordKeys
-from .state import State
+from .state import NO_TRAIN_BATCHES, State
 from .validation import positive_int
 
 
@@ -35,7 +35,7 @@ class PreciseBN(Hook):
 
     def on_fit_start(self, state: State) -> None:
         if not state.has_train_batches:
-            raise ValueError("PreciseBN needs training batches to recalibrate on: pass train_batches= to the runner")
+            raise ValueError(f"PreciseBN needs training batches to recalibrate on: {NO_TRAIN_BATCHES}")
 
     def on_step_end(self, state: State) -> None:
         self._frozen.observe(state)

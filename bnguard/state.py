@@ -12,6 +12,10 @@ from .layers import unwrap_model
 from .report import RecalibrationReport
 
 
+NO_TRAIN_BATCHES = ("pass train_batches= to bnguard.HookRunner, or recalibration_loader= to bnguard.Loop (a "
+                    "streaming training set cannot be reshuffled)")
+
+
 class State:
     """What hooks see of a training run. Loops update it (through :meth:`HookRunner.fire`); hooks read it
     and call its methods.
@@ -87,9 +91,7 @@ class State:
     def train_batches(self) -> Iterable[Any]:
         """Training batches for recalibration, drawn without disturbing the training data order or RNG."""
         if self._train_batches is None:
-            raise RuntimeError(
-                "this loop gave its hooks no training batches: pass train_batches= to bnguard.HookRunner"
-            )
+            raise RuntimeError(f"this loop gave its hooks no training batches: {NO_TRAIN_BATCHES}")
         return self._train_batches()
 
     def recalibrated(self, report: RecalibrationReport) -> None:
