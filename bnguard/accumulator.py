@@ -13,25 +13,27 @@ from .stats import Moments, pool_batches
 
 
 class LayerTotals(NamedTuple):
-    """Everything one layer saw: pooled moments, calls left out as non-finite, samples and calls."""
+    """Everything one layer saw: pooled moments, calls left out as non-finite, samples, calls, and calls
+    left out because they held one value per channel."""
 
     moments: Moments
     nonfinite: int
     samples: int
     calls: int
+    one_value: int  # calls left out: one value per channel, which BatchNorm cannot train-normalize
 
 
 # One layer's totals travel between processes as a float64 vector: these scalars, then mean and M2.
-_SCALARS = ("count", "nonfinite", "samples", "calls")
+_SCALARS = ("count", "nonfinite", "samples", "calls", "one_value")
 # The gathered vector of one process starts with its global counts.
 _HEADER = ("batches", "samples")
 
 
-def _pack(moments: Moments, nonfinite: torch.Tensor, samples: int, calls: int) -> torch.Tensor:
+def _pack(moments: Moments, nonfinite: torch.Tensor, samples: int, calls: int, one_value: int) -> torch.Tensor:
     device = moments.mean.device
+    host = {"samples": samples, "calls": calls, "one_value": one_value}
     scalars = {"count": moments.count, "nonfinite": nonfinite.double(),
-               "samples": torch.tensor(float(samples), dtype=torch.float64, device=device),
-               "calls": torch.tensor(float(calls), dtype=torch.float64, device=device)}
+               **{name: torch.tensor(float(value), dtype=torch.float64, device=device) for name, value in host.items()}}
     return torch.cat([torch.stack([scalars[name] for name in _SCALARS]), moments.mean, moments.m2])
 
 
@@ -63,12 +65,21 @@ class LayerAccumulator:
         self.nonfinite: torch.Tensor | None = None
         self.samples = 0
         self.batches = 0
+        self.one_value = 0
+        self._statistics = (layer.running_mean, layer.running_var)  # the layer's own, read in eval mode only
 
     def before_call(self, layer: _BatchNorm, args: tuple) -> None:
         """Counts the call's elements and points the layer's buffers at the row the call will write."""
+        x = args[0]
+        if x.numel() == layer.num_features:  # one value per channel: train mode would raise, so this call
+            self.one_value += 1  # normalizes as in eval mode, with the layer's own statistics, and is left out
+            layer.training = False  # back to train mode at its next call, or when the passes end
+            layer._buffers["running_mean"], layer._buffers["running_var"] = self._statistics
+            return
+        if not layer.training:  # after a one-value call
+            layer.training = True
         if len(self.counts) == self.chunk:  # every row written by now: pool them, free the rows
             self.flush()
-        x = args[0]
         self.counts.append(x.numel() // layer.num_features)
         self.samples += x.shape[0]
         self.batches += 1
@@ -109,10 +120,10 @@ def merge_processes(
     if world_size == 1:
         finished = [accumulator.finish() for accumulator in accumulators.values()]
         nonfinite = torch.stack([n for _, n in finished]).tolist()  # one synchronization for all layers
-        totals = {layer: LayerTotals(moments, int(n), a.samples, a.batches)
+        totals = {layer: LayerTotals(moments, int(n), a.samples, a.batches, a.one_value)
                   for (layer, a), (moments, _), n in zip(accumulators.items(), finished, nonfinite)}
         return totals, seen_batches, seen_samples
-    local = [_pack(*a.finish(), a.samples, a.batches) for a in accumulators.values()]
+    local = [_pack(*a.finish(), a.samples, a.batches, a.one_value) for a in accumulators.values()]
     counts = {"batches": seen_batches, "samples": seen_samples}
     header = torch.tensor([float(counts[name]) for name in _HEADER], dtype=torch.float64, device=local[0].device)
     gathered = all_gather(torch.cat([header, *local]), world_size)
@@ -124,11 +135,10 @@ def merge_processes(
         for parts in per_rank:  # rank order, so every process computes the same bits
             rank_moments, scalars = _unpack(parts[index], layer.num_features)
             moments = moments.merge(rank_moments)
-            rank_scalars.append(torch.stack([scalars["nonfinite"], scalars["samples"], scalars["calls"]]))
+            rank_scalars.append(torch.stack([scalars[name] for name in LayerTotals._fields[1:]]))
         moments_of[layer] = moments
         scalar_rows.append(torch.stack(rank_scalars).sum(dim=0))
     sums = torch.stack(scalar_rows).tolist()  # one synchronization for every layer's counts
-    merged = {layer: LayerTotals(moments, int(n), int(s), int(c))
-              for (layer, moments), (n, s, c) in zip(moments_of.items(), sums)}
+    merged = {layer: LayerTotals(moments, *map(int, counts)) for (layer, moments), counts in zip(moments_of.items(), sums)}
     summed = dict(zip(_HEADER, torch.stack([parts[0] for parts in per_rank]).sum(dim=0).tolist()))
     return merged, int(summed["batches"]), int(summed["samples"])

@@ -124,7 +124,7 @@ def recalibrate(
     if all_batches == 0:
         raise ValueError("batches is empty: recalibration needs at least one batch of training data")
     report = _write_statistics(layers, reasons, totals)
-    _warn_nonfinite(report)
+    _warn_left_out(report)
     return RecalibrationReport(layers=report, batches=all_batches, samples=all_samples,
                                seconds=time.perf_counter() - started)
 
@@ -221,11 +221,13 @@ def _write_statistics(
             reports.append(LayerReport(name=name, skipped=reasons[name]))
             continue
         seen = totals[layer]
-        counts = {"name": name, "samples": seen.samples, "batches": seen.calls, "nonfinite_batches": seen.nonfinite}
+        counts = {"name": name, "samples": seen.samples, "batches": seen.calls, "nonfinite_batches": seen.nonfinite,
+                  "one_value_batches": seen.one_value}
         pooled_calls = seen.calls - seen.nonfinite
         if seen.calls == 0 or pooled_calls == 0:
-            reports.append(LayerReport(**counts, skipped="saw no input" if seen.calls == 0
-                                       else "no batch with finite statistics"))
+            reason = "no batch with finite statistics" if seen.calls else (
+                "only batches of one value per channel" if seen.one_value else "saw no input")
+            reports.append(LayerReport(**counts, skipped=reason))
             continue
         new_mean, new_var = seen.moments.mean, seen.moments.variance(unbiased=True)
         old_mean, old_var = layer.running_mean.double(), layer.running_var.double()
@@ -251,7 +253,12 @@ def _store(layer: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: int)
     layer.num_batches_tracked.fill_(calls)
 
 
-def _warn_nonfinite(layers: list[LayerReport]) -> None:
+def _warn_left_out(layers: list[LayerReport]) -> None:
+    one_value = [layer.name for layer in layers if layer.one_value_batches]
+    if one_value:
+        warnings.warn(f"{len(one_value)} BatchNorm layer(s) got batches with one value per channel (a batch of "
+                      f"one sample), which BatchNorm cannot normalize in train mode: left out, at {one_value[0]!r}"
+                      f"{' and others' if len(one_value) > 1 else ''}", stacklevel=3)
     affected = [layer for layer in layers if layer.nonfinite_batches]
     if affected:
         worst = max(affected, key=lambda layer: layer.nonfinite_batches)

@@ -21,6 +21,7 @@ class LayerReport:
     samples: int = 0
     batches: int = 0
     nonfinite_batches: int = 0
+    one_value_batches: int = 0
     mean_shift_max: float = 0.0
     mean_shift_mean: float = 0.0
     var_log_ratio_max: float = 0.0
@@ -67,8 +68,7 @@ class RecalibrationReport:
                 f"{layer.mean_shift_mean:.4f}",
                 f"{layer.var_log_ratio_max:.4f}",
                 f"{layer.var_log_ratio_mean:.4f}",
-                layer.skipped or (f"{layer.nonfinite_batches} non-finite batches left out"
-                                  if layer.nonfinite_batches else ""),
+                layer.skipped or _left_out(layer),
             )
             for layer in self.layers
         ]
@@ -80,3 +80,8 @@ class RecalibrationReport:
         for row in [header, *rows]:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         return "\n".join(lines)
+
+
+def _left_out(layer: LayerReport) -> str:
+    kinds = ((layer.nonfinite_batches, "non-finite"), (layer.one_value_batches, "one-value"))
+    return "; ".join(f"{count} {kind} batches left out" for count, kind in kinds if count)

@@ -412,7 +412,8 @@ def test_ctrl_c_during_the_cleanup_of_the_passes_still_restores_every_layer(monk
         bnguard.recalibrate(model, [torch.randn(4, 1, 8, 8)], progress=False)
     assert len(calls) == 6  # every pre-hook was removed although the interrupt came at the first
     layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert [m.momentum for m in layers] == momenta and all(not m._forward_pre_hooks for m in layers)
+    assert [m.momentum for m in layers] == momenta
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in layers)
     assert all(m.training for m in model.modules())
     assert_same_tensors(before, buffers_of(model))
 
@@ -467,3 +468,16 @@ def test_instance_norm_with_running_statistics_is_named_as_not_recalibrated():
         report = bnguard.recalibrate(model, [torch.randn(4, 1, 6, 6)], progress=False)
     assert [layer.name for layer in report.recalibrated] == ["2"]
     assert_same_tensors(before, buffers_of(model[1]))
+
+
+def test_a_batch_of_one_is_left_out_where_batchnorm_cannot_normalize_it():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 4), nn.BatchNorm1d(4))
+    batches = [torch.randn(8, 3) + 2, torch.randn(8, 3) - 1, torch.randn(1, 3)]
+    expected = copy.deepcopy(model)
+    bnguard.recalibrate(expected, batches[:2], progress=False)
+    with pytest.warns(UserWarning, match=r"2 BatchNorm layer\(s\) got batches with one value per channel"):
+        report = bnguard.recalibrate(model, batches, progress=False)
+    assert_same_tensors(buffers_of(expected), buffers_of(model))
+    assert [(layer.batches, layer.one_value_batches) for layer in report.layers] == [(2, 1), (2, 1)]
+    assert "1 one-value batches left out" in str(report) and report.batches == 3
+    assert all(layer.training for layer in model.modules())
