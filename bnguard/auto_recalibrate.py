@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .console import WarnOnce
-from .frozen import FrozenDuringTraining
+from .frozen import FrozenDuringTraining, Target, recalibration_target
 from .hooks import Hook
 from .isolation import restore_statistics, saved_statistics
 from .layers import has_running_statistics
@@ -39,7 +39,9 @@ class AutoRecalibrate(Hook):
     accuracy) in eval mode against batch statistics on that many training samples, which skips the
     recalibration when the two agree. ``report_only=True`` detects and reports but never changes the
     statistics. BatchNorm layers that were not updating their statistics during training (frozen for
-    fine-tuning) keep them, unless ``include_frozen=True``. The README explains how the defaults were chosen.
+    fine-tuning) keep them, unless ``include_frozen=True``. ``target`` (a model, or a callable giving it)
+    recalibrates another model than the trained one, e.g. the EMA / SWA copy the evaluation uses. The README
+    explains how the defaults were chosen.
 
     Outside :class:`bnguard.Loop`, call :meth:`check` after evaluating.
     """
@@ -59,6 +61,7 @@ class AutoRecalibrate(Hook):
         probe_score: Score = batch_accuracy,
         report_only: bool = False,
         include_frozen: bool = False,
+        target: Target = None,
         alert_every_s: float = 3600.0,
     ):
         self.policy = DivergencePolicy(monitor=monitor, higher_is_better=higher_is_better,
@@ -67,7 +70,7 @@ class AutoRecalibrate(Hook):
         self.monitor, self.report_only, self.alert_every_s = monitor, report_only, alert_every_s
         self.num_samples = positive_int("num_samples", num_samples)
         self.probe_samples = positive_int("probe_samples", probe_samples, optional=True)
-        self.probe_score, self.include_frozen = probe_score, include_frozen
+        self.probe_score, self.include_frozen, self.target = probe_score, include_frozen, target
         self.history: list[dict[str, Any]] = []
         self._last_alert, self._warn_once, self._frozen = -float("inf"), WarnOnce(), FrozenDuringTraining()
 
@@ -137,32 +140,20 @@ class AutoRecalibrate(Hook):
                             f"AutoRecalibrate compares {eval_key} with {train_key}, but the loop gave no {train_key} "
                             f"(train metrics: {sorted(state.train_metrics)}): only falls below the best are "
                             f"detected; fire TRAIN_EPOCH_END with train_metrics={{'{train_key}': ...}}")
-        decision = self.check(state.model, eval_value=state.eval_metrics[eval_key],
+        model, frozen = recalibration_target(self.target, state, self._frozen)
+        decision = self.check(model, eval_value=state.eval_metrics[eval_key],
                               train_value=state.train_metrics.get(train_key), evaluate=state.evaluate,
                               batches=state.train_batches, accelerator=state.accelerator,
                               nonfinite=nonfinite_names({**state.train_metrics, **state.eval_metrics}),
-                              frozen=self._frozen.layers)
+                              frozen=frozen)
         if decision.recalibrated:
             state.eval_metrics = {**state.eval_metrics, **decision.eval_metrics}
             state.recalibrated(decision.report)
         self._publish(state, decision, eval_key)
 
     def _publish(self, state: State, decision: Decision, eval_key: str) -> None:
-        state.record.update({
-            RecordKeys.RECALIBRATED: decision.recalibrated,
-            RecordKeys.REASON: decision.reason,
-            RecordKeys.before_recal(eval_key): decision.eval_before if decision.recalibrated else None,
-            RecordKeys.SECONDS: decision.seconds,
-            RecordKeys.SAMPLES: decision.samples,
-            RecordKeys.DIAGNOSIS: decision.diagnosis,
-        })
-        values = {"bnguard/recalibrated": float(decision.recalibrated), "bnguard/recal_seconds": decision.seconds}
-        values.update({f"bnguard/{name}": getattr(decision, name) for name in ("gap", "drop", "gained")
-                       if getattr(decision, name) is not None})
-        if decision.recalibrated:
-            values[f"bnguard/{RecordKeys.before_recal(eval_key)}"] = decision.eval_before
-            values[eval_key] = decision.eval_after
-        state.log(values)
+        state.record.update(_record(decision, eval_key))
+        state.log(_tracker_values(decision, eval_key))
         if decision.triggered and state.is_main_process:
             line = _console_line(decision, self.monitor, state)
             print(line, flush=True)
@@ -181,6 +172,25 @@ class AutoRecalibrate(Hook):
 
 def _call(batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> Iterable[Any]:
     return batches() if callable(batches) else batches
+
+
+def _record(decision: Decision, eval_key: str) -> dict[str, Any]:
+    """The keys a decision adds to the epoch's record."""
+    return {RecordKeys.RECALIBRATED: decision.recalibrated, RecordKeys.REASON: decision.reason,
+            RecordKeys.before_recal(eval_key): decision.eval_before if decision.recalibrated else None,
+            RecordKeys.SECONDS: decision.seconds, RecordKeys.SAMPLES: decision.samples,
+            RecordKeys.DIAGNOSIS: decision.diagnosis}
+
+
+def _tracker_values(decision: Decision, eval_key: str) -> dict[str, Any]:
+    """What a decision logs to the trackers: under ``bnguard/``, and the new eval value when recalibrated."""
+    values = {"bnguard/recalibrated": float(decision.recalibrated), "bnguard/recal_seconds": decision.seconds}
+    values.update({f"bnguard/{name}": getattr(decision, name) for name in ("gap", "drop", "gained")
+                   if getattr(decision, name) is not None})
+    if decision.recalibrated:
+        values[f"bnguard/{RecordKeys.before_recal(eval_key)}"] = decision.eval_before
+        values[eval_key] = decision.eval_after
+    return values
 
 
 def _console_line(d: Decision, monitor: str, state: State) -> str:

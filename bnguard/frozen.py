@@ -1,7 +1,11 @@
-"""Which BatchNorm layers training leaves alone, so that recalibration leaves them alone too."""
+"""What hooks recalibrate: the trained model or another one (averaged weights), and which of its BatchNorm
+layers training leaves alone, so that recalibration leaves them alone too."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import frozen_layers
@@ -21,3 +25,16 @@ class FrozenDuringTraining:
         if state.epoch != self._epoch:
             self._epoch = state.epoch
             self.layers = frozen_layers(state.model)
+
+
+Target = nn.Module | Callable[[], nn.Module] | None
+
+
+def recalibration_target(target: Target, state: State, frozen: FrozenDuringTraining
+                         ) -> tuple[nn.Module, list[_BatchNorm] | None]:
+    """The model to recalibrate, and the layers to leave alone in it: the training model with the layers
+    that were not updating, or ``target`` (a model, or a callable giving it, e.g. an EMA or
+    ``AveragedModel`` copy) with recalibration's own rule, since its layers are not the trained ones."""
+    if target is None:
+        return state.model, frozen.layers
+    return (target() if callable(target) and not isinstance(target, nn.Module) else target), None

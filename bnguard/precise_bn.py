@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .console import WarnOnce
-from .frozen import FrozenDuringTraining
+from .frozen import FrozenDuringTraining, Target, recalibration_target
 from .hooks import Hook
 from .recalibration import recalibrate
 from .records import RecordKeys
@@ -23,12 +23,15 @@ class PreciseBN(Hook):
     Unlike :class:`~bnguard.AutoRecalibrate` it does not look at the metrics first: it costs a recalibration
     per scheduled evaluation and never lets stale statistics reach one. BatchNorm layers that were not
     updating their statistics during training (frozen for fine-tuning) keep them, unless ``include_frozen``.
+    ``target`` (a model, or a callable giving it) recalibrates another model than the trained one, e.g. the
+    EMA / SWA copy the evaluation uses.
     """
 
-    def __init__(self, every_n_evals: int = 1, *, num_samples: int = 4096, include_frozen: bool = False):
+    def __init__(self, every_n_evals: int = 1, *, num_samples: int = 4096, include_frozen: bool = False,
+                 target: Target = None):
         self.every_n_evals = positive_int("every_n_evals", every_n_evals)
         self.num_samples = positive_int("num_samples", num_samples)
-        self.include_frozen, self._frozen = include_frozen, FrozenDuringTraining()
+        self.include_frozen, self.target, self._frozen = include_frozen, target, FrozenDuringTraining()
         self.evaluations = 0
         self._outcome: dict[str, Any] = {}
         self._started, self._warn_once = False, WarnOnce()
@@ -48,8 +51,9 @@ class PreciseBN(Hook):
                              RecordKeys.REASON: f"not scheduled: every {self.every_n_evals} evaluations"}
             return
         started = time.perf_counter()
-        report = recalibrate(state.model, state.train_batches(), num_samples=self.num_samples,
-                             accelerator=state.accelerator, frozen=self._frozen.layers,
+        model, frozen = recalibration_target(self.target, state, self._frozen)
+        report = recalibrate(model, state.train_batches(), num_samples=self.num_samples,
+                             accelerator=state.accelerator, frozen=frozen,
                              include_frozen=self.include_frozen, progress=False)
         seconds = time.perf_counter() - started
         self._outcome = {RecordKeys.RECALIBRATED: True, RecordKeys.SECONDS: seconds,
