@@ -15,6 +15,7 @@ from .report import LayerReport, RecalibrationReport
 from .run_dir import shared_output_dir
 from .state import State
 from .tracking import start_trackers
+from .train_step import loss_from_model
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "bn_statistics",
     "default_forward",
     "log_bn_stats",
+    "loss_from_model",
     "recalibrate",
     "shared_output_dir",
     "start_trackers",

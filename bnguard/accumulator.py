@@ -68,14 +68,14 @@ class LayerAccumulator:
         self.one_value = 0
         self._statistics = (layer.running_mean, layer.running_var)  # the layer's own, read in eval mode only
 
-    def before_call(self, layer: _BatchNorm, args: tuple) -> None:
+    def before_call(self, layer: _BatchNorm, args: tuple, kwargs: dict) -> None:
         """Counts the call's elements and points the layer's buffers at the row the call will write."""
-        x = args[0]
+        x = args[0] if args else kwargs["input"]  # bn(x) or bn(input=x)
         if x.numel() == layer.num_features:  # one value per channel: train mode would raise, so this call
             self.one_value += 1  # normalizes as in eval mode, with the layer's own statistics, and is left out
             layer.training = False  # back to train mode at its next call, or when the passes end
             layer._buffers["running_mean"], layer._buffers["running_var"] = self._statistics
-            return
+            return None
         if not layer.training:  # after a one-value call
             layer.training = True
         if len(self.counts) == self.chunk:  # every row written by now: pool them, free the rows
@@ -89,6 +89,7 @@ class LayerAccumulator:
         # Direct dict access: this runs before every layer call, and the names are plain buffers.
         layer._buffers["running_mean"], layer._buffers["running_var"] = self.rows[row]
         layer._buffers["num_batches_tracked"] = self.calls
+        return None
 
     def flush(self, reuse_rows: bool = True) -> None:
         rows = len(self.counts)
@@ -139,6 +140,7 @@ def merge_processes(
         moments_of[layer] = moments
         scalar_rows.append(torch.stack(rank_scalars).sum(dim=0))
     sums = torch.stack(scalar_rows).tolist()  # one synchronization for every layer's counts
-    merged = {layer: LayerTotals(moments, *map(int, counts)) for (layer, moments), counts in zip(moments_of.items(), sums)}
+    merged = {layer: LayerTotals(moments, *map(int, counts))
+              for (layer, moments), counts in zip(moments_of.items(), sums)}
     summed = dict(zip(_HEADER, torch.stack([parts[0] for parts in per_rank]).sum(dim=0).tolist()))
     return merged, int(summed["batches"]), int(summed["samples"])

@@ -18,7 +18,7 @@ from .layers import has_running_statistics
 from .metrics import batch_accuracy
 from .policy import Decision, DivergencePolicy
 from .probe import Score, probe
-from .recalibration import recalibrate
+from .recalibration import Forward, recalibrate
 from .records import RecordKeys
 from .state import NO_TRAIN_BATCHES, State
 from .tracking import alert
@@ -85,11 +85,12 @@ class AutoRecalibrate(Hook):
         accelerator: Any = None,
         nonfinite: Sequence[str] = (),
         frozen: Iterable[nn.Module] | None = None,
+        forward: Forward | None = None,
     ) -> Decision:
         """Decides after one evaluation and acts on it; returns the :class:`Decision`. ``batches``: training
         batches, or a callable giving them (called only to recalibrate or probe); ``nonfinite``: the NaN/Inf
-        metrics' names; ``frozen``: BatchNorm layers to leave alone. Every process must call it, with the
-        same (gathered) metrics."""
+        metrics' names; ``frozen``: BatchNorm layers to leave alone; ``forward(model, batch)``: as in
+        :func:`recalibrate`. Every process must call it, with the same (gathered) metrics."""
         decision = self.policy.check(eval_value, train_value, nonfinite=nonfinite)
         if decision.wants_recalibration and not has_running_statistics(model):
             decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
@@ -99,19 +100,20 @@ class AutoRecalibrate(Hook):
                                       wants_recalibration=False)
         if decision.wants_recalibration and self.probe_samples is not None:
             eval_mode, train_mode = probe(model, _call(batches), self.probe_score, num_samples=self.probe_samples,
-                                          accelerator=accelerator)
+                                          accelerator=accelerator, forward=forward)
             decision = self.policy.judge_probe(decision, eval_mode, train_mode)
         if decision.wants_recalibration:
-            decision = self._recalibrate(decision, model, evaluate, _call(batches), accelerator, frozen)
+            decision = self._recalibrate(decision, model, evaluate, _call(batches), accelerator,
+                                         frozen=frozen, forward=forward)
         self.history.append(decision.summary())
         return decision
 
     def _recalibrate(self, decision: Decision, model: nn.Module, evaluate: Callable[[], Any],
-                     batches: Iterable[Any], accelerator: Any, frozen: Iterable[nn.Module] | None) -> Decision:
+                     batches: Iterable[Any], accelerator: Any, **how: Any) -> Decision:
         started = time.perf_counter()
         previous = saved_statistics(model)
-        report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator, frozen=frozen,
-                             include_frozen=self.include_frozen, progress=False)
+        report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator,
+                             include_frozen=self.include_frozen, progress=False, **how)
         result = evaluate()
         metrics = dict(result) if isinstance(result, Mapping) else {f"eval_{self.monitor}": float(result)}
         judged = self.policy.judge_recalibration(decision, metrics[f"eval_{self.monitor}"],
@@ -145,7 +147,7 @@ class AutoRecalibrate(Hook):
                               train_value=state.train_metrics.get(train_key), evaluate=state.evaluate,
                               batches=state.train_batches, accelerator=state.accelerator,
                               nonfinite=nonfinite_names({**state.train_metrics, **state.eval_metrics}),
-                              frozen=frozen)
+                              frozen=frozen, forward=state.forward)
         if decision.recalibrated:
             state.eval_metrics = {**state.eval_metrics, **decision.eval_metrics}
             state.recalibrated(decision.report)

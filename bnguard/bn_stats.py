@@ -192,11 +192,16 @@ class BNStatsLogger(Hook):
 
         model = state.unwrapped_model
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad(), batchnorm_in_train_mode(model, ()):  # modes, buffers, random states kept
-            stats = summary(model, device=device, verbose=0, **inputs)
-        print(stats)
-        names = {id(module): name for name, module in batchnorm_layers(model)}
-        shapes = {names[id(row.module)]: row.output_size for row in stats.summary_list if id(row.module) in names}
+        names, shapes = {id(module): name for name, module in batchnorm_layers(model)}, {}
+        try:
+            with torch.no_grad(), batchnorm_in_train_mode(model, ()):  # modes, buffers, random states kept
+                stats = summary(model, device=device, verbose=0, **inputs)
+        except Exception as error:  # noqa: BLE001 - a summary is a nicety: never stop training for it
+            warnings.warn(f"BNStatsLogger: torchinfo could not summarize the model ({error!r:.200}); the layer "
+                          "table is logged without output shapes", stacklevel=2)
+        else:
+            print(stats)
+            shapes = {names[id(row.module)]: row.output_size for row in stats.summary_list if id(row.module) in names}
         columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
         rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine, layer.track_running_stats,
                  str(shapes.get(name, "unknown"))] for name, layer in batchnorm_layers(model)]

@@ -67,8 +67,9 @@ class HookRunner:
         runner.fire(bnguard.Event.STEP_END, step=step)   # keyword arguments update runner.state first
 
     ``evaluate`` returns eval metrics (eval mode); ``train_batches`` returns an iterable of training batches
-    for recalibration. It is itself checkpointable (``accelerator.register_for_checkpointing(runner)``): its
-    state dict holds every hook's state under its key.
+    for recalibration; ``forward(model, batch)`` runs the model on one (default :func:`default_forward`).
+    It is itself checkpointable (``accelerator.register_for_checkpointing(runner)``): its state dict holds
+    every hook's state under its key.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class HookRunner:
         optimizer: Any = None,
         evaluate: Callable[[], dict[str, float]] | None = None,
         train_batches: Callable[[], Iterable[Any]] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
     ):
         self.hooks = checked_hooks(hooks)
         seen = Counter(hook.state_key for hook in self.hooks)
@@ -90,7 +92,7 @@ class HookRunner:
                 hook.state_key = f"{key}#{nth[key]}"
                 nth[key] += 1
         self.state = State(accelerator=accelerator, model=model, optimizer=optimizer, evaluate=evaluate,
-                           train_batches=train_batches, dispatch=self.fire)
+                           train_batches=train_batches, forward=forward, dispatch=self.fire)
 
     def fire(self, event: Event | str, **updates: Any) -> None:
         """Updates the state with ``updates``, then calls ``event`` on every hook in order.

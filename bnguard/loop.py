@@ -16,17 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .batches import hook_batches
+from .batches import default_forward, hook_batches
+from .recalibration import Forward
 from .checkpoint import Checkpoints, resolve_checkpoint
 from .console import show_progress
 from .events import Event
 from .hooks import Hook, HookRunner, checked_hooks
-from .metrics import Metric, MetricSums, NonFiniteLossError, accuracy, evaluate_classifier
+from .metrics import Metric, MetricSums, NonFiniteLossError, accuracy, batch_targets, evaluate_classifier, logits_of
 from .records import RecordWriter
 from .run_dir import shared_output_dir
 from .schedule import Schedule
 from .tracking import finish, start_trackers, tracker_names
-from .train_step import TrainStep
+from .train_step import ComputeLoss, TrainStep, loss_of
 from .validation import positive_int
 
 
@@ -36,25 +37,24 @@ class Loop:
     :meth:`fit` trains, writing ``metrics.jsonl`` (one JSON line per epoch), tracker files and checkpoints.
 
     Args:
-        model, optimizer, train_loader: what to train, unprepared; batches are ``(inputs, targets)``.
-        eval_loader: evaluated every epoch unless ``eval_every_epochs`` / ``eval_every_steps`` say otherwise.
-        loss_fn: ``loss_fn(outputs, targets)``, the batch mean (default cross-entropy).
-        scheduler: a learning-rate scheduler, stepped after every optimizer step.
+        model, optimizer, train_loader: what to train, unprepared; batches are ``(inputs, targets)`` or dicts
+            with ``labels``. eval_loader: evaluated every epoch unless ``eval_every_*`` say otherwise.
+        loss_fn, forward, compute_loss: ``loss_fn(logits, targets)``, the batch mean (default cross-entropy);
+            ``forward(model, batch)`` (default :func:`~bnguard.default_forward`, also used by the hooks);
+            ``compute_loss(model, batch) -> (loss, outputs)`` (default ``loss_fn`` on ``forward``'s logits;
+            :func:`~bnguard.loss_from_model` for models that compute their own loss).
+        scheduler, hooks: stepped after every optimizer step; :class:`~bnguard.Hook` s, fired in list order.
         accelerator: default: one from the Accelerate config with ``gradient_accumulation_steps`` and a
             seedable sampler, so that a resumed run draws the same batches.
-        hooks: :class:`~bnguard.Hook` instances, fired in list order.
         epochs, max_steps: when to stop, whichever comes first (at least one).
         gradient_accumulation_steps, max_grad_norm: batches per optimizer step; gradient clipping norm.
         eval_every_epochs, eval_every_steps: the evaluation schedule (one or the other).
-        log_every_steps: train loss, metric and learning rate to the trackers every this many steps.
-        limit_train_batches: at most this many batches per training epoch (quick runs).
+        log_every_steps, limit_train_batches: train metrics logged every N steps; at most N batches an epoch.
         checkpoint_every_epochs: ``output_dir/checkpoints/epoch-NNNN`` every this many epochs and at the end.
         output_dir: default ``runs/<timestamp>``, the same folder on every process.
-        tracker: ``"wandb"``, ``"tensorboard"``, ``"all"`` or ``"none"`` (default: the accelerator's
-            ``log_with``); W&B runs offline when no API key is configured.
+        tracker: "wandb", "tensorboard", "all", "none" (default: ``log_with``); W&B offline without a key.
         project, run_name, config: the trackers' project and run name, and extra values for the run config.
-        metric, metric_name: per-sample scores ``metric(outputs, targets)`` (default accuracy), logged as
-            ``train_<metric_name>`` / ``eval_<metric_name>``.
+        metric, metric_name: per-sample ``metric(logits, targets)`` (default accuracy) as ``*_<metric_name>``.
         recalibration_loader: batches for hooks to recalibrate on, streams too (default: training set shuffles).
         seed, progress: seeds the training batches drawn for hooks; show a progress bar on a terminal.
     """
@@ -69,7 +69,8 @@ class Loop:
         checkpoint_every_epochs: int | None = None, output_dir: str | Path | None = None,
         tracker: str | list[str] | None = None, project: str = "bnguard", run_name: str | None = None,
         config: dict[str, Any] | None = None, metric: Metric = accuracy, metric_name: str = "acc", seed: int = 0,
-        progress: bool = True, recalibration_loader: Iterable[Any] | None = None,
+        progress: bool = True, recalibration_loader: Iterable[Any] | None = None, forward: Forward | None = None,
+        compute_loss: ComputeLoss | None = None,
     ):
         hooks = checked_hooks(hooks)
         self.schedule = Schedule.checked(
@@ -87,11 +88,13 @@ class Loop:
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = _prepare(
             acc, model, optimizer, train_loader, eval_loader, scheduler)
         self.checkpoints = Checkpoints(acc, self.model, self.output_dir / "checkpoints", checkpoint_every_epochs)
-        self.train_step = TrainStep(acc, self.model, self.optimizer, self.scheduler, loss_fn, max_grad_norm)
+        self.forward = forward or default_forward
+        self.train_step = TrainStep(acc, self.model, self.optimizer, self.scheduler,
+                                    compute_loss or loss_of(self.forward, loss_fn), max_grad_norm)
         self.train_batches = hook_batches(train_loader, recalibration_loader, accelerator=acc, seed=seed)
         self.runner = HookRunner(hooks, accelerator=acc, model=self.model, optimizer=self.optimizer,
                                  evaluate=self.evaluate if self.eval_loader is not None else None,
-                                 train_batches=self.train_batches)
+                                 train_batches=self.train_batches, forward=forward)
         self.state = self.runner.state
         self.config = dict(config or {})
         acc.register_for_checkpointing(self.state, self.runner, *filter(None, [self.train_batches]))
@@ -128,7 +131,7 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         """Eval-mode loss and metric over the eval loader, each sample counted once across processes."""
         return evaluate_classifier(self.model, self.eval_loader, self.accelerator, self.loss_fn, self.metric,
-                                   self.metric_name)
+                                   self.metric_name, self.forward)
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         state = self.state
@@ -141,9 +144,7 @@ class Loop:
             self._evaluate_with_events()
         seconds = time.perf_counter() - started
         self.runner.fire(Event.EPOCH_END)
-        record = {"epoch": epoch + 1, "step": state.step, **state.train_metrics, **state.eval_metrics,
-                  "seconds": seconds, **state.record}
-        self.records.write(record)
+        record = self.records.write_epoch(state, seconds)
         self.checkpoints.after_epoch(epoch + 1)
         return record
 
@@ -155,11 +156,11 @@ class Loop:
         sums = MetricSums(acc.device)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not show_progress(self.show_progress, acc.is_main_process))
-        for index, (inputs, targets) in enumerate(bar):
+        for index, batch in enumerate(bar):
             if not schedule.batch_allowed(index):
                 break
-            loss, outputs = self.train_step(inputs, targets)
-            sums.add(loss, self.metric(outputs.detach(), targets), step=state.step + 1)
+            loss, outputs = self.train_step(batch)
+            sums.add(loss, self.metric(logits_of(outputs).detach(), batch_targets(batch)), step=state.step + 1)
             if not acc.sync_gradients:
                 continue
             self.runner.fire(Event.STEP_END, step=state.step + 1)

@@ -67,23 +67,30 @@ def batch_targets(batch: Any) -> torch.Tensor:
                     "mapping with 'labels'; pass a score function that knows the batch format")
 
 
-def batch_accuracy(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
-    """:func:`accuracy` against the batch's own targets (see :func:`batch_targets`)."""
-    return accuracy(outputs, batch_targets(batch).to(outputs.device))
+def logits_of(outputs: Any) -> torch.Tensor:
+    """A model's scores: the outputs themselves, or their ``logits`` (Hugging Face style outputs)."""
+    return outputs.logits if hasattr(outputs, "logits") else outputs
+
+
+def batch_accuracy(outputs: Any, batch: Any) -> torch.Tensor:
+    """:func:`accuracy` of the outputs' logits against the batch's own targets (see :func:`batch_targets`)."""
+    logits = logits_of(outputs)
+    return accuracy(logits, batch_targets(batch).to(logits.device))
 
 
 @torch.no_grad()
 def evaluate_classifier(model: Any, loader: Any, accelerator: Any, loss_fn: Callable[..., torch.Tensor],
-                        metric: Metric, metric_name: str) -> dict[str, float]:
-    """Eval-mode ``eval_loss`` and ``eval_<metric_name>`` over a prepared ``(inputs, targets)`` loader, each
-    sample counted once across processes; the model's mode is restored."""
+                        metric: Metric, metric_name: str, forward: Callable[[Any, Any], Any]) -> dict[str, float]:
+    """Eval-mode ``eval_loss`` and ``eval_<metric_name>`` over a prepared loader (``forward(model, batch)``
+    gives the outputs; targets as :func:`batch_targets` finds them), each sample counted once across
+    processes; the model's mode is restored."""
     was_training = model.training
     model.eval()
     sums = MetricSums(accelerator.device)
     try:
-        for inputs, targets in loader:
-            outputs, targets = accelerator.gather_for_metrics((model(inputs), targets))
-            sums.add(loss_fn(outputs, targets), metric(outputs, targets))
+        for batch in loader:
+            logits, targets = accelerator.gather_for_metrics((logits_of(forward(model, batch)), batch_targets(batch)))
+            sums.add(loss_fn(logits, targets), metric(logits, targets))
     finally:
         model.train(was_training)
     return sums.compute("eval", metric_name)

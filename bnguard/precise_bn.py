@@ -53,7 +53,7 @@ class PreciseBN(Hook):
         started = time.perf_counter()
         model, frozen = recalibration_target(self.target, state, self._frozen)
         report = recalibrate(model, state.train_batches(), num_samples=self.num_samples,
-                             accelerator=state.accelerator, frozen=frozen,
+                             accelerator=state.accelerator, frozen=frozen, forward=state.forward,
                              include_frozen=self.include_frozen, progress=False)
         seconds = time.perf_counter() - started
         self._outcome = {RecordKeys.RECALIBRATED: True, RecordKeys.SECONDS: seconds,

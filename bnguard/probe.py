@@ -18,23 +18,25 @@ Score = Callable[[Any, Any], torch.Tensor]
 
 
 @torch.no_grad()
-def probe(model: nn.Module, batches: Iterable[Any], score: Score, *, num_samples: int,
-          accelerator: Any = None) -> tuple[float, float]:
+def probe(model: nn.Module, batches: Iterable[Any], score: Score, *, num_samples: int, accelerator: Any = None,
+          forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[float, float]:
     """Mean per-sample ``score(outputs, batch)`` on up to ``num_samples`` training samples (over all
     processes), first in eval mode, then with the BatchNorm layers normalizing with batch statistics (every
-    other module in eval mode). Buffers, modes and random states are left exactly as they were."""
+    other module in eval mode), the model run by ``forward(model, batch)`` (default: as :func:`recalibrate`
+    does). Buffers, modes and random states are left exactly as they were."""
     model = unwrap_model(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layers = [layer for _, layer in batchnorm_layers(model) if tracks_statistics(layer)]
+    forward = forward or default_forward
     share = num_samples / (accelerator.num_processes if accelerator is not None else 1)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     with batchnorm_in_train_mode(model, ()):
         model.eval()
         for batch in batches:
             batch = to_device(batch, device)
-            eval_mode = score(default_forward(model, batch), batch).double().sum()
+            eval_mode = score(forward(model, batch), batch).double().sum()
             with _batch_statistics(layers):
-                train_mode = score(default_forward(model, batch), batch).double().sum()
+                train_mode = score(forward(model, batch), batch).double().sum()
             sums += torch.stack([eval_mode, train_mode, torch.tensor(float(batch_size(batch, True)), device=device)])
             if sums[2] >= share:
                 break

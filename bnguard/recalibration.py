@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import types
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from typing import Any, Iterator, Union
 
@@ -84,6 +84,9 @@ def recalibrate(
        those count too, e.g. 16 samples pooled for 13 in batches of 4 on 2 processes. Pass
        :class:`~bnguard.TrainingBatches` to draw every sample at most once.
     """
+    if isinstance(batches, torch.Tensor):
+        raise TypeError("batches is one tensor, which would be iterated sample by sample: pass an iterable of "
+                        "batches, e.g. [tensor] or a DataLoader")
     num_samples = positive_int("num_samples", num_samples, optional=True)
     num_batches = positive_int("num_batches", num_batches, optional=True)
     started = time.perf_counter()
@@ -112,7 +115,7 @@ def recalibrate(
 
     device = next(iter(accumulators)).running_mean.device
     if forward is None:
-        forward = lambda module, batch: default_forward(module, to_device(batch, device))  # noqa: E731
+        forward = lambda module, batch: _forward_naming_keys(module, to_device(batch, device))  # noqa: E731
     batch_budget = split_budget(num_batches, rank, world_size)
     bar = tqdm(desc="recalibrating BatchNorm", unit="batch", total=_expected_batches(batches, batch_budget),
                disable=not show_progress(progress, rank == 0), leave=False)
@@ -171,7 +174,7 @@ def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator], 
                 if isinstance(layer, SyncBatchNorm):
                     # Per-process statistics, merged exactly afterwards, and no CPU refusal under gloo.
                     layer.forward = types.MethodType(_BatchNorm.forward, layer)
-                handles.append(layer.register_forward_pre_hook(accumulator.before_call))
+                handles.append(layer.register_forward_pre_hook(accumulator.before_call, with_kwargs=True))
             yield
         finally:
             with interrupts_deferred():  # a layer left at momentum 1 with its pre-hook would corrupt training
@@ -267,6 +270,18 @@ def _warn_left_out(layers: list[LayerReport]) -> None:
             f"left out of the estimate: up to {worst.nonfinite_batches} batch(es), at {worst.name!r}",
             stacklevel=3,
         )
+
+
+def _forward_naming_keys(model: nn.Module, batch: Any) -> Any:
+    """:func:`default_forward`, with a model that refuses a dict batch's keys told what to pass instead."""
+    try:
+        return default_forward(model, batch)
+    except TypeError as error:
+        if not isinstance(batch, Mapping) or "argument" not in str(error):
+            raise
+        raise TypeError(f"{type(model).__name__} does not take this batch's keys {sorted(batch)} as keyword "
+                        f"arguments ({error}): pass forward=, e.g. lambda model, batch: "
+                        f"model(batch[{next(iter(batch))!r}])") from error
 
 
 def _warn_instance_norm(model: nn.Module) -> None:

@@ -52,6 +52,13 @@ class RecordWriter:
                   "nothing left to train", flush=True)
         return last
 
+    def write_epoch(self, state: Any, seconds: float) -> dict[str, Any]:
+        """Writes and returns the record of the epoch just over: the loop's own keys, then the hooks'."""
+        record = {"epoch": state.epoch + 1, "step": state.step, **state.train_metrics, **state.eval_metrics,
+                  "seconds": seconds, **state.record}
+        self.write(record)
+        return record
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.is_main_process:
             return

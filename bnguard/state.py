@@ -38,6 +38,7 @@ class State:
         optimizer: Any = None,
         evaluate: Callable[[], dict[str, float]] | None = None,
         train_batches: Callable[[], Iterable[Any]] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
         dispatch: Callable[[Event], None] | None = None,
     ):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
@@ -50,6 +51,7 @@ class State:
         self.error: BaseException | None = None
         self.should_stop = False
         self._evaluate, self._train_batches, self._dispatch = evaluate, train_batches, dispatch
+        self.forward = forward  # how a batch reaches the model, for hooks that run it (None: the default)
 
     def update(self, **values: Any) -> None:
         """Sets fields the loop owns (:attr:`UPDATABLE`); an unknown name is an error, not a new attribute."""

@@ -7,23 +7,35 @@ from typing import Any
 
 import torch
 
+from .metrics import batch_targets, logits_of
+
+
+ComputeLoss = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, Any]"]
+
+
+def loss_from_model(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+    """For models that compute their own loss from a dict batch (the Hugging Face convention):
+    ``outputs = model(**batch)``, loss ``outputs.loss``."""
+    outputs = model(**batch)
+    return outputs.loss, outputs
+
 
 class TrainStep:
-    """Forward, loss and backward for one batch under ``accelerator.accumulate``; where the accumulated
-    gradients are synchronized, gradient clipping (``max_grad_norm``), the optimizer and scheduler steps,
-    and zeroed gradients (Accelerate's prepared optimizer skips those in between)."""
+    """One batch: ``compute_loss(model, batch) -> (mean loss, outputs)`` and backward under
+    ``accelerator.accumulate``; where the accumulated gradients are synchronized, gradient clipping
+    (``max_grad_norm``), the optimizer and scheduler steps, and zeroed gradients (Accelerate's prepared
+    optimizer skips those in between)."""
 
     def __init__(self, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                 loss_fn: Callable[..., torch.Tensor], max_grad_norm: float | None):
+                 compute_loss: ComputeLoss, max_grad_norm: float | None):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.loss_fn, self.max_grad_norm = loss_fn, max_grad_norm
+        self.compute_loss, self.max_grad_norm = compute_loss, max_grad_norm
 
-    def __call__(self, inputs: Any, targets: Any) -> tuple[torch.Tensor, Any]:
+    def __call__(self, batch: Any) -> tuple[torch.Tensor, Any]:
         """The batch's mean loss and the model's outputs."""
         acc = self.accelerator
         with acc.accumulate(self.model):
-            outputs = self.model(inputs)
-            loss = self.loss_fn(outputs, targets)
+            loss, outputs = self.compute_loss(self.model, batch)
             acc.backward(loss)
             if acc.sync_gradients and self.max_grad_norm is not None:
                 acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
@@ -32,3 +44,13 @@ class TrainStep:
                 self.scheduler.step()
             self.optimizer.zero_grad()
         return loss, outputs
+
+
+def loss_of(forward: Callable[[Any, Any], Any], loss_fn: Callable[..., torch.Tensor]) -> ComputeLoss:
+    """The default ``compute_loss``: ``loss_fn(logits, targets)`` on the outputs of ``forward(model, batch)``
+    and the batch's targets, for ``(inputs, targets)`` pairs and dict batches with ``labels`` alike."""
+    def compute_loss(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+        outputs = forward(model, batch)
+        return loss_fn(logits_of(outputs), batch_targets(batch)), outputs
+
+    return compute_loss

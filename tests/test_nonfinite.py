@@ -36,7 +36,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     with pytest.raises(bnguard.NonFiniteLossError, match=r"not finite \(NaN/Inf\) from step 10, in epoch 2"):
         toy_loop(tmp_path, hooks=[PoisonWeights(at=9)], epochs=3, checkpoint_every_epochs=1).fit()
     good = tmp_path / "checkpoints" / "epoch-0001"
-    assert latest_checkpoint(tmp_path / "checkpoints") == good and sorted((tmp_path / "checkpoints").iterdir()) == [good]
+    assert latest_checkpoint(tmp_path / "checkpoints") == good
+    assert sorted((tmp_path / "checkpoints").iterdir()) == [good]
     verify_checkpoint(good)
     assert [r["epoch"] for r in strict_records(tmp_path)] == [1]
 
