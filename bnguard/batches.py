@@ -59,8 +59,6 @@ def side_batches(loader: DataLoader, *, seed: int, rank: int, world_size: int) -
     last batch is dropped when there is a full one: BatchNorm cannot train-normalize a batch of one, and a
     handful of samples normalized among themselves would not be representative anyway.
     """
-    if isinstance(loader.dataset, IterableDataset):
-        raise TypeError("drawing recalibration batches needs a map-style training dataset (with __getitem__)")
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(loader.dataset), generator=generator)[rank::world_size].tolist()
     side = DataLoader(
@@ -76,6 +74,11 @@ def side_batches(loader: DataLoader, *, seed: int, rank: int, world_size: int) -
         yield from side
 
 
+def indexable(loader: Any) -> bool:
+    """Whether ``loader`` is a DataLoader over a map-style dataset, which can be reshuffled."""
+    return hasattr(loader, "dataset") and not isinstance(loader.dataset, IterableDataset)
+
+
 class TrainingBatches:
     """Training batches for hooks to recalibrate on, in any loop: each call is a new shuffle of ``loader``'s
     dataset, batched like it, this process's share of it (rank, world size from ``accelerator`` or the
@@ -89,7 +92,7 @@ class TrainingBatches:
     """
 
     def __init__(self, loader: DataLoader, *, accelerator: Any = None, seed: int = 0):
-        if isinstance(getattr(loader, "dataset", None), IterableDataset) or not hasattr(loader, "dataset"):
+        if not indexable(loader):
             raise TypeError("TrainingBatches needs a DataLoader over a map-style dataset (with __getitem__)")
         self.loader, self.seed = loader, seed
         self.rank, self.world_size = process_info(accelerator)
@@ -131,6 +134,6 @@ def hook_batches(train_loader: Any, recalibration_loader: Iterable[Any] | None, 
     set when it can be indexed, else nothing (a stream: hooks that need batches then say so)."""
     if recalibration_loader is not None:
         return LoaderBatches(recalibration_loader)
-    if isinstance(getattr(train_loader, "dataset", None), IterableDataset) or not hasattr(train_loader, "dataset"):
+    if not indexable(train_loader):
         return None
     return TrainingBatches(train_loader, accelerator=accelerator, seed=seed)

@@ -133,14 +133,14 @@ def resolve_checkpoint(resume_from: str | Path, output_dir: Path, missing_ok: bo
     checkpoint at all and ``missing_ok``), or a checkpoint folder, verified against its manifest."""
     if str(resume_from) == "latest":
         directory = output_dir / "checkpoints"
-        if missing_ok and not checkpoints_newest_first(directory):
-            return None
+        if not checkpoints_newest_first(directory):
+            if missing_ok:
+                return None
+            raise FileNotFoundError(f"resume_from='latest' but {directory} holds no checkpoint; pass "
+                                    "missing_ok=True to start fresh when there is none")
         found = latest_checkpoint(directory)
         if found is None:
-            held = "no checkpoint" if not checkpoints_newest_first(directory) else "no checkpoint that verifies"
-            raise FileNotFoundError(f"resume_from='latest' but {directory} holds {held}"
-                                    + ("; pass missing_ok=True to start fresh when there is none" if not
-                                       checkpoints_newest_first(directory) else ""))
+            raise FileNotFoundError(f"resume_from='latest' but {directory} holds no checkpoint that verifies")
         return found
     path = Path(resume_from)
     if not path.is_dir():

@@ -164,20 +164,20 @@ class Loop:
             if not acc.sync_gradients:
                 continue
             self.runner.fire(Event.STEP_END, step=state.step + 1)
-            if schedule.logs_at(state.step):
-                running = _finite(sums, sums.compute("train", self.metric_name, acc), epoch)
+            logs, evaluates = schedule.logs_at(state.step), schedule.evaluates_at_step(state.step)
+            running = _train_metrics(sums, self.metric_name, acc, epoch) if logs or evaluates else {}
+            if logs:
                 state.log({**running, "lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch})
                 bar.set_postfix({k.removeprefix("train_"): f"{v:.4f}" for k, v in running.items()})
-            if schedule.evaluates_at_step(state.step):  # hooks compare with the epoch's train metrics so far
-                state.train_metrics = _finite(sums, sums.compute("train", self.metric_name, acc), epoch)
-                self._evaluate_with_events()
+            if evaluates:  # hooks compare with the epoch's train metrics so far
+                self._evaluate_with_events(train_metrics=running)
             if state.should_stop or schedule.steps_done(state.step):
                 break
         bar.close()
-        return _finite(sums, sums.compute("train", self.metric_name, acc), epoch)
+        return _train_metrics(sums, self.metric_name, acc, epoch)
 
-    def _evaluate_with_events(self) -> None:
-        self.runner.fire(Event.EVAL_START)
+    def _evaluate_with_events(self, **updates: Any) -> None:
+        self.runner.fire(Event.EVAL_START, **updates)
         self.state.eval_metrics = self.evaluate()
         self.state.log(self.state.eval_metrics)
         self.runner.fire(Event.EVAL_END)
@@ -211,8 +211,9 @@ def _run_config(loop: Loop) -> dict[str, Any]:
             "lr": loop.optimizer.param_groups[0]["lr"], "hooks": [h.state_key for h in loop.runner.hooks]}
 
 
-def _finite(sums: MetricSums, train_metrics: dict[str, float], epoch: int) -> dict[str, float]:
-    """The metrics, checked where logging already synchronizes: a NaN/Inf loss stops the run here."""
+def _train_metrics(sums: MetricSums, metric_name: str, accelerator: Accelerator, epoch: int) -> dict[str, float]:
+    """The train metrics so far, checked where logging already synchronizes: a NaN/Inf loss stops the run."""
+    train_metrics = sums.compute("train", metric_name, accelerator)
     if math.isfinite(train_metrics["train_loss"]):
         return train_metrics
     step = sums.first_nonfinite_step()
