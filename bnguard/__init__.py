@@ -14,7 +14,7 @@ from .records import RecordKeys
 from .report import LayerReport, RecalibrationReport
 from .run_dir import shared_output_dir
 from .state import State
-from .tracking import start_trackers
+from .tracking import Trackers, start_trackers
 from .train_step import loss_from_model
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "RecalibrationReport",
     "RecordKeys",
     "State",
+    "Trackers",
     "TrainingBatches",
     "Verdict",
     "accuracy",

@@ -21,7 +21,6 @@ from .probe import Score, probe
 from .recalibration import Forward, recalibrate
 from .records import RecordKeys
 from .state import NO_TRAIN_BATCHES, State
-from .tracking import alert
 from .validation import positive_int
 
 NOTHING_TO_RECALIBRATE = "nothing to recalibrate: the model has no BatchNorm layer with running statistics"
@@ -159,8 +158,8 @@ class AutoRecalibrate(Hook):
         if decision.triggered and state.is_main_process:
             line = _console_line(decision, self.monitor, state)
             print(line, flush=True)
-            if time.monotonic() - self._last_alert >= self.alert_every_s and alert(
-                    state.accelerator, "bnguard: eval diverged from train", line):
+            if time.monotonic() - self._last_alert >= self.alert_every_s and state.trackers.alert(
+                    "bnguard: eval diverged from train", line):
                 self._last_alert = time.monotonic()
 
     # ---- checkpointing -----------------------------------------------------------------------------

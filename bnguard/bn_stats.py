@@ -13,7 +13,7 @@ from .hooks import Hook
 from .isolation import batchnorm_in_train_mode
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
 from .state import State
-from .tracking import Histogram, log_histograms, log_table
+from .tracking import Histogram, Trackers
 from .validation import positive_int
 
 MAX_BINS = 512  # W&B's limit
@@ -93,20 +93,23 @@ def _widened(low: float, high: float) -> tuple[float, float]:
 
 
 def log_bn_stats(
-    model: nn.Module, step: int, *, accelerator: Any = None, bins: int = 64, include_affine: bool = False
+    model: nn.Module, step: int, *, accelerator: Any = None, bins: int = 64, include_affine: bool = False,
+    trackers: Trackers | None = None,
 ) -> dict[str, Any]:
     """One logging round of :func:`bn_statistics`, at ``step``, on the main process; returns what it logged.
 
     With an ``accelerator``, values go to its trackers: histograms to W&B as ``wandb.Histogram`` and to
     TensorBoard through ``add_histogram_raw`` (Accelerate's TensorBoard tracker would drop them), scalars to
-    every tracker. Without one, to the active ``wandb.run``, if any.
+    every tracker. Without one, to the active ``wandb.run``, if any. ``trackers`` (a :class:`Trackers`)
+    sends them elsewhere, e.g. to a Lightning or Hugging Face trainer's loggers.
     """
-    if accelerator is not None and not accelerator.is_main_process:
+    trackers = trackers or Trackers(accelerator)
+    if not trackers.is_main_process:
         return {}
     stats = bn_statistics(model, bins, include_affine)
     if stats:
         histograms = {k: v for k, v in stats.items() if isinstance(v, Histogram)}
-        log_histograms(accelerator, histograms, {k: v for k, v in stats.items() if k not in histograms}, step)
+        trackers.log_histograms(histograms, {k: v for k, v in stats.items() if k not in histograms}, step)
     return stats
 
 
@@ -174,8 +177,8 @@ class BNStatsLogger(Hook):
     def _log(self, state: State) -> None:
         if self._logged_step != state.step:  # the same statistics at the same step are logged once
             self._logged_step = state.step
-            log_bn_stats(state.model, state.step, accelerator=state.accelerator, bins=self.bins,
-                         include_affine=self.include_affine)
+            log_bn_stats(state.model, state.step, bins=self.bins, include_affine=self.include_affine,
+                         trackers=state.trackers)
 
     def _keep_first_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._first_input = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
@@ -205,7 +208,7 @@ class BNStatsLogger(Hook):
         columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
         rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine, layer.track_running_stats,
                  str(shapes.get(name, "unknown"))] for name, layer in batchnorm_layers(model)]
-        log_table(state.accelerator, "bn/layers", columns, rows, state.step)
+        state.trackers.log_table("bn/layers", columns, rows, state.step)
 
 
 def _detached(value: Any) -> Any:

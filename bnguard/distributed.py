@@ -21,11 +21,24 @@ def all_gather(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:
     """Every process's copy of a same-shaped tensor, in rank order (moved where the backend needs it)."""
     if world_size == 1:
         return [tensor]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    local = tensor.to(device)
+    local = tensor.to(_backend_device())
     gathered = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(gathered, local)
     return [part.to(tensor.device) for part in gathered]
+
+
+def sum_over_processes(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The element-wise sum of a same-shaped tensor over every process."""
+    if world_size == 1:
+        return tensor
+    local = tensor.to(_backend_device(), copy=True)
+    dist.all_reduce(local)
+    return local.to(tensor.device)
+
+
+def _backend_device() -> torch.device:
+    """Where the process group's backend takes tensors: the current GPU for NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def split_budget(total: int | None, rank: int, world_size: int) -> int | None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .events import Event
 from .state import State
+from .tracking import Trackers
 
 
 class HookError(RuntimeError):
@@ -67,7 +68,8 @@ class HookRunner:
         runner.fire(bnguard.Event.STEP_END, step=step)   # keyword arguments update runner.state first
 
     ``evaluate`` returns eval metrics (eval mode); ``train_batches`` returns an iterable of training batches
-    for recalibration; ``forward(model, batch)`` runs the model on one (default :func:`default_forward`).
+    for recalibration; ``forward(model, batch)`` runs the model on one (default :func:`default_forward`);
+    ``trackers`` is where hooks log (default: ``accelerator``'s trackers, see :class:`~bnguard.Trackers`).
     It is itself checkpointable (``accelerator.register_for_checkpointing(runner)``): its state dict holds
     every hook's state under its key.
     """
@@ -82,6 +84,7 @@ class HookRunner:
         evaluate: Callable[[], dict[str, float]] | None = None,
         train_batches: Callable[[], Iterable[Any]] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        trackers: Trackers | None = None,
     ):
         self.hooks = checked_hooks(hooks)
         seen = Counter(hook.state_key for hook in self.hooks)
@@ -92,7 +95,7 @@ class HookRunner:
                 hook.state_key = f"{key}#{nth[key]}"
                 nth[key] += 1
         self.state = State(accelerator=accelerator, model=model, optimizer=optimizer, evaluate=evaluate,
-                           train_batches=train_batches, forward=forward, dispatch=self.fire)
+                           train_batches=train_batches, forward=forward, dispatch=self.fire, trackers=trackers)
 
     def fire(self, event: Event | str, **updates: Any) -> None:
         """Updates the state with ``updates``, then calls ``event`` on every hook in order.

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batches import batch_size, default_forward, to_device
+from .distributed import process_info, sum_over_processes
 from .isolation import batchnorm_in_train_mode
 from .layers import batchnorm_layers, tracks_statistics, unwrap_model
 
@@ -21,14 +22,15 @@ Score = Callable[[Any, Any], torch.Tensor]
 def probe(model: nn.Module, batches: Iterable[Any], score: Score, *, num_samples: int, accelerator: Any = None,
           forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[float, float]:
     """Mean per-sample ``score(outputs, batch)`` on up to ``num_samples`` training samples (over all
-    processes), first in eval mode, then with the BatchNorm layers normalizing with batch statistics (every
+    processes: the ``accelerator``'s, else the default process group's), first in eval mode, then with the BatchNorm layers normalizing with batch statistics (every
     other module in eval mode), the model run by ``forward(model, batch)`` (default: as :func:`recalibrate`
     does). Buffers, modes and random states are left exactly as they were."""
     model = unwrap_model(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layers = [layer for _, layer in batchnorm_layers(model) if tracks_statistics(layer)]
     forward = forward or default_forward
-    share = num_samples / (accelerator.num_processes if accelerator is not None else 1)
+    world_size = process_info(accelerator)[1]
+    share = num_samples / world_size
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     with batchnorm_in_train_mode(model, ()):
         model.eval()
@@ -40,9 +42,7 @@ def probe(model: nn.Module, batches: Iterable[Any], score: Score, *, num_samples
             sums += torch.stack([eval_mode, train_mode, torch.tensor(float(batch_size(batch, True)), device=device)])
             if sums[2] >= share:
                 break
-    if accelerator is not None and accelerator.num_processes > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum")
-    eval_sum, train_sum, count = sums.tolist()
+    eval_sum, train_sum, count = sum_over_processes(sums, world_size).tolist()
     return eval_sum / max(count, 1.0), train_sum / max(count, 1.0)
 
 

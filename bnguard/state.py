@@ -10,6 +10,7 @@ from torch import nn
 from .events import Event
 from .layers import unwrap_model
 from .report import RecalibrationReport
+from .tracking import Trackers
 
 
 NO_TRAIN_BATCHES = ("pass train_batches= to bnguard.HookRunner, or recalibration_loader= to bnguard.Loop (a "
@@ -40,6 +41,7 @@ class State:
         train_batches: Callable[[], Iterable[Any]] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         dispatch: Callable[[Event], None] | None = None,
+        trackers: Trackers | None = None,
     ):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.epoch = 0
@@ -52,6 +54,7 @@ class State:
         self.should_stop = False
         self._evaluate, self._train_batches, self._dispatch = evaluate, train_batches, dispatch
         self.forward = forward  # how a batch reaches the model, for hooks that run it (None: the default)
+        self.trackers = trackers or Trackers(accelerator)  # where hooks' values go
 
     def update(self, **values: Any) -> None:
         """Sets fields the loop owns (:attr:`UPDATABLE`); an unknown name is an error, not a new attribute."""
@@ -67,7 +70,7 @@ class State:
 
     @property
     def is_main_process(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
+        return self.trackers.is_main_process
 
     @property
     def has_evaluation(self) -> bool:
@@ -81,8 +84,8 @@ class State:
 
     def log(self, values: dict[str, Any]) -> None:
         """Sends values to every tracker once (main process only), at the current global step."""
-        if self.accelerator is not None:
-            self.accelerator.log(values, step=self.step)
+        if self.trackers.is_main_process:
+            self.trackers.log(values, self.step)
 
     def evaluate(self) -> dict[str, float]:
         """Re-runs evaluation (eval mode) and returns its metrics; fires no event."""

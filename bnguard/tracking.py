@@ -1,5 +1,6 @@
 """Every call bnguard makes to W&B and TensorBoard: starting and finishing Accelerate's trackers, and
-logging what Accelerate's own ``log`` cannot carry (histograms, tables, alerts)."""
+:class:`Trackers`, through which hooks log scalars and what scalar loggers cannot carry (histograms, tables,
+alerts)."""
 
 from __future__ import annotations
 
@@ -95,57 +96,76 @@ def finish(accelerator: Any) -> None:
     accelerator.trackers.clear()
 
 
-def log_histograms(accelerator: Any, histograms: dict[str, Histogram], values: dict[str, Any], step: int) -> None:
-    """Histograms and plain values at ``step``: histograms to W&B as ``wandb.Histogram`` and to TensorBoard
-    through ``add_histogram_raw`` (Accelerate's TensorBoard tracker drops them), values to every tracker.
-    Without an ``accelerator``, to the active ``wandb.run``, if any."""
-    run = _wandb_run(accelerator)
-    if run is not None:
+class Trackers:
+    """Where a run's values go: scalars, histograms, tables and alerts, to the W&B run and TensorBoard writer
+    the run already has. This one sends them to an Accelerate accelerator's trackers (without one, to the
+    active ``wandb.run``, if any); the framework integrations subclass it to reach their trainer's loggers.
+    Only the main process logs."""
+
+    def __init__(self, accelerator: Any = None):
+        self.accelerator = accelerator
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        """Scalars to every tracker, at ``step``."""
+        if self.accelerator is not None:
+            self.accelerator.log(values, step=step)
+        elif (run := self.wandb_run()) is not None:
+            run.log(values, step=step)
+
+    def wandb_run(self) -> Any:
+        """The W&B run on this process, or None."""
+        if self.accelerator is None:
+            wandb = sys.modules.get("wandb")  # a run can only be active if wandb was imported
+            return getattr(wandb, "run", None) if wandb is not None else None
+        return _unwrapped(self.accelerator, "wandb")
+
+    def wandb_log(self, values: dict[str, Any], step: int) -> None:
+        """Any W&B values (histograms, tables) at ``step``, the way this run's W&B steps are counted."""
+        self.wandb_run().log(values, step=step)
+
+    def tensorboard_writer(self) -> Any:
+        """The TensorBoard ``SummaryWriter`` on this process, or None."""
+        return _unwrapped(self.accelerator, "tensorboard") if self.accelerator is not None else None
+
+    def log_histograms(self, histograms: dict[str, Histogram], values: dict[str, Any], step: int) -> None:
+        """Histograms and plain values at ``step``: histograms to W&B as ``wandb.Histogram`` and to TensorBoard
+        through ``add_histogram_raw`` (loggers built for scalars would drop or refuse them), values to every
+        tracker."""
+        if not self.is_main_process:
+            return
+        if values:
+            self.log(values, step)
+        if histograms and self.wandb_run() is not None:
+            import wandb
+
+            self.wandb_log({k: wandb.Histogram(np_histogram=(h.counts, h.edges)) for k, h in histograms.items()}, step)
+        writer = self.tensorboard_writer()
+        if writer is not None:
+            for key, h in histograms.items():
+                writer.add_histogram_raw(key, min=float(h.edges[0]), max=float(h.edges[-1]), num=h.num, sum=h.sum,
+                                         sum_squares=h.sum_squares, bucket_limits=h.edges[1:].tolist(),
+                                         bucket_counts=h.counts.tolist(), global_step=step)
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """A table at ``step``, to W&B only (TensorBoard has no tables)."""
+        if self.is_main_process and self.wandb_run() is not None:
+            import wandb
+
+            self.wandb_log({key: wandb.Table(columns=list(columns), data=[list(row) for row in rows])}, step)
+
+    def alert(self, title: str, text: str) -> bool:
+        """A W&B alert (e-mail / Slack) when the run is online; returns whether one was sent."""
+        run = self.wandb_run() if self.is_main_process else None
+        if run is None or run.settings.mode != "online":
+            return False
         import wandb
 
-        values = {**values, **{k: wandb.Histogram(np_histogram=(h.counts, h.edges)) for k, h in histograms.items()}}
-    if accelerator is not None:
-        accelerator.log(values, step=step)
-    elif run is not None:
-        run.log(values, step=step)
-    writer = _tensorboard_writer(accelerator)
-    if writer is not None:
-        for key, h in histograms.items():
-            writer.add_histogram_raw(key, min=float(h.edges[0]), max=float(h.edges[-1]), num=h.num, sum=h.sum,
-                                     sum_squares=h.sum_squares, bucket_limits=h.edges[1:].tolist(),
-                                     bucket_counts=h.counts.tolist(), global_step=step)
-
-
-def log_table(accelerator: Any, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
-    """A table at ``step``, to W&B only (TensorBoard has no tables)."""
-    run = _wandb_run(accelerator)
-    if run is not None:
-        import wandb
-
-        run.log({key: wandb.Table(columns=list(columns), data=[list(row) for row in rows])}, step=step)
-
-
-def alert(accelerator: Any, title: str, text: str) -> bool:
-    """A W&B alert (e-mail / Slack) when the run is online; returns whether one was sent."""
-    run = _wandb_run(accelerator)
-    if run is None or run.settings.mode != "online":
-        return False
-    import wandb
-
-    run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
-    return True
-
-
-def _wandb_run(accelerator: Any) -> Any:
-    """The W&B run of ``accelerator`` on this process, or without one the active ``wandb.run``; else None."""
-    if accelerator is None:
-        wandb = sys.modules.get("wandb")  # a run can only be active if wandb was imported
-        return getattr(wandb, "run", None) if wandb is not None else None
-    return _unwrapped(accelerator, "wandb")
-
-
-def _tensorboard_writer(accelerator: Any) -> Any:
-    return _unwrapped(accelerator, "tensorboard") if accelerator is not None else None
+        run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+        return True
 
 
 def _unwrapped(accelerator: Any, name: str) -> Any:
