@@ -1,0 +1,254 @@
+"""bnguard's hooks in PyTorch Lightning: one ``Callback`` that carries any list of them.
+
+    trainer = lightning.Trainer(callbacks=[BNGuardCallback([BNStatsLogger(), AutoRecalibrate()])],
+                                logger=WandbLogger(offline=True))
+
+=================================  ==========================================================================
+Lightning                          bnguard
+=================================  ==========================================================================
+``on_train_start``                 FIT_START (loaders built, model on its device, checkpoint restored)
+``on_train_epoch_start``           EPOCH_START
+``on_train_batch_end``             STEP_END, once per optimizer step (``state.step`` is ``global_step``)
+``on_validation_start``            EVAL_START (model in eval mode; sanity checks are skipped)
+``on_validation_epoch_end``        EVAL_END: ``val_<name>`` metrics as ``eval_<name>``; a changed one is
+                                   logged back under its own name, so loggers, ``ModelCheckpoint`` and
+                                   ``EarlyStopping`` read the recalibrated value
+``on_train_epoch_end``             TRAIN_EPOCH_END, then EPOCH_END
+``on_fit_end`` / ``on_exception``  FIT_END / EXCEPTION
+=================================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..batches import batch_size as batch_size_of
+from ..batches import hook_batches
+from ..events import Event
+from ..hooks import Hook, HookRunner
+from ..tracking import Trackers
+from .common import RunningMeans, hook_state, missing_extra, without_evaluation
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise missing_extra("lightning", "lightning") from error
+
+
+class LightningTrackers(Trackers):
+    """The trainer's loggers: scalars to every one of them (``log_metrics``), histograms and tables to its
+    ``WandbLogger`` run and its ``TensorBoardLogger`` writer. Evaluation metrics are left to the callback,
+    which logs them through Lightning itself. Only global rank 0 logs."""
+
+    def __init__(self, trainer: pl.Trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.trainer.is_global_zero
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        values = without_evaluation(values)
+        if values and self.is_main_process:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(values, step)
+
+    def _logger(self, kind: type) -> Any:
+        return next((logger for logger in self.trainer.loggers if isinstance(logger, kind)), None)
+
+    def wandb_run(self) -> Any:
+        logger = self._logger(WandbLogger)
+        return logger.experiment if logger is not None and self.is_main_process else None
+
+    def wandb_log(self, values: dict[str, Any], step: int) -> None:
+        self._logger(WandbLogger).log_metrics(values, step)  # at Lightning's trainer/global_step
+
+    def tensorboard_writer(self) -> Any:
+        logger = self._logger(TensorBoardLogger)
+        return logger.experiment if logger is not None and self.is_main_process else None
+
+
+class BNGuardCallback(pl.Callback):
+    """Runs bnguard ``hooks`` (:class:`~bnguard.BNStatsLogger`, :class:`~bnguard.AutoRecalibrate`,
+    :class:`~bnguard.PreciseBN`, your own :class:`~bnguard.Hook`) in a Lightning ``Trainer``; the module
+    docstring maps the events.
+
+    Metric names: what the LightningModule logs as ``val_<name>`` (``val_prefix``) in ``validation_step`` is
+    ``eval_<name>`` to the hooks, and what it logs as ``train_<name>`` on training steps is averaged over
+    each epoch's steps into ``train_<name>``; so ``AutoRecalibrate(monitor="acc")`` compares ``val_acc``
+    with ``train_acc``. Re-evaluation after a recalibration runs the module's ``validation_step`` over the
+    validation loaders again with its ``self.log`` calls collected (batch-size-weighted means, summed over
+    processes), and fires no Lightning event.
+
+    Recalibration batches are fresh shuffles of the training loader's dataset moved by the strategy, or
+    ``recalibration_loader`` (any iterable, e.g. for streaming data); ``forward(module, batch)`` runs the
+    module on one (default: a tuple's first element, a dict as keyword arguments). Hook state is saved in
+    Lightning's checkpoints. Every process must run the same hooks.
+    """
+
+    def __init__(self, hooks: Iterable[Hook] = (), *, val_prefix: str = "val_",
+                 recalibration_loader: Iterable[Any] | None = None,
+                 forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0):
+        self.hooks, self.val_prefix, self.seed = list(hooks), val_prefix, seed
+        self.recalibration_loader, self.forward = recalibration_loader, forward
+        HookRunner(self.hooks)  # checks the hooks now, where the mistake is made
+        self.records: list[dict[str, Any]] = []
+        self.runner: HookRunner | None = None
+        self._batches: Any = None
+        self._train = RunningMeans()
+        self._restored: dict[str, Any] | None = None
+        self._pending_eval = False
+
+    # ---- setting up ------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.hooks:
+            return
+        self._batches = hook_batches(_single_loader(trainer.train_dataloader), self.recalibration_loader,
+                                     accelerator=None, seed=self.seed)
+        self.runner = HookRunner(self.hooks, model=pl_module, optimizer=trainer.optimizers[0] if trainer.optimizers
+                                 else None, evaluate=lambda: self._revalidate(trainer, pl_module),
+                                 train_batches=self._moved_batches(trainer) if self._batches else None,
+                                 forward=self.forward, trackers=LightningTrackers(trainer))
+        if self._restored is not None:
+            self.runner.load_state_dict(self._restored["hooks"])
+            if self._batches is not None and self._restored["batches"] is not None:
+                self._batches.load_state_dict(self._restored["batches"])
+            self.records = list(self._restored["records"])
+        self.runner.fire(Event.FIT_START, epoch=trainer.current_epoch, step=trainer.global_step)
+
+    def _moved_batches(self, trainer: pl.Trainer) -> Callable[[], Iterator[Any]]:
+        def draw() -> Iterator[Any]:
+            for batch in self._batches():
+                yield trainer.strategy.batch_to_device(batch)
+        return draw
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.runner is not None:
+            self.runner.fire(Event.EPOCH_START, epoch=trainer.current_epoch, record={}, train_metrics={},
+                             eval_metrics={})
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.runner is None:
+            return
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith("train_") and not name.endswith("_epoch"):
+                self._train.add(name.removesuffix("_step"), value)
+        if trainer.global_step != self.runner.state.step:  # an optimizer step happened
+            self.runner.fire(Event.STEP_END, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.runner is None:
+            return
+        state = self.runner.state
+        self.runner.fire(Event.TRAIN_EPOCH_END, train_metrics={**state.train_metrics, **self._train.take()})
+        self.runner.fire(Event.EPOCH_END)
+        self.records.append({"epoch": state.epoch + 1, "step": state.step, **state.train_metrics,
+                             **state.eval_metrics, **state.record})
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def _evaluating(self, trainer: pl.Trainer) -> bool:
+        return self.runner is not None and not trainer.sanity_checking and trainer.state.fn == "fit"
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._evaluating(trainer):
+            self._pending_eval = True
+            self.runner.fire(Event.EVAL_START, step=trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self._evaluating(trainer) and self._pending_eval):
+            return
+        self._pending_eval = False
+        measured = self._eval_metrics(trainer)
+        train = {**self.runner.state.train_metrics, **self._train.means()}  # Lightning validates mid-epoch
+        self.runner.fire(Event.EVAL_END, step=trainer.global_step, train_metrics=train, eval_metrics=dict(measured))
+        for key, value in self.runner.state.eval_metrics.items():
+            if key in measured and value != measured[key]:  # the hooks re-evaluated: Lightning reads the new value
+                pl_module.log(self.val_prefix + key.removeprefix("eval_"), value, on_step=False, on_epoch=True,
+                              sync_dist=True)
+
+
+    def _eval_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """``val_<name>`` as ``eval_<name>``, averaged over processes so that every process decides alike."""
+        means = RunningMeans()
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith(self.val_prefix) and not name.endswith("_step"):
+                means.add("eval_" + name.removeprefix(self.val_prefix).removesuffix("_epoch"), value)
+        return means.take()
+
+    def _revalidate(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
+        """The module's validation metrics measured again, without firing any Lightning event."""
+        loaders = trainer.val_dataloaders
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        logged = RunningMeans()
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), _collecting_logs(module, logged) as current_batch:
+                for index, loader in enumerate(loaders):
+                    for batch_index, batch in enumerate(loader):
+                        current_batch[0] = batch = trainer.strategy.batch_to_device(batch)
+                        module.validation_step(batch, batch_index, *((index,) if len(loaders) > 1 else ()))
+        finally:
+            module.train(was_training)
+        return {"eval_" + name.removeprefix(self.val_prefix): value
+                for name, value in logged.take().items() if name.startswith(self.val_prefix)}
+
+    # ---- end of training ---------------------------------------------------------------------------------
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.runner is not None:
+            self.runner.fire(Event.FIT_END)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.runner is not None:
+            self.runner.fire_exception(exception)
+
+    # ---- checkpointing -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.runner is None:
+            return {}
+        return hook_state(self.runner, self._batches, self.records)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict or None  # applied at on_train_start, once the hooks are wired
+
+
+def _single_loader(loaders: Any) -> Any:
+    """The training loader, when Lightning has exactly one."""
+    if isinstance(loaders, dict) or isinstance(loaders, (list, tuple)):
+        raise TypeError("BNGuardCallback draws recalibration batches from a single training loader, and this "
+                        "trainer has several: pass recalibration_loader= to BNGuardCallback")
+    return loaders
+
+
+@contextmanager
+def _collecting_logs(module: pl.LightningModule, logged: RunningMeans) -> Iterator[list[Any]]:
+    """The module's ``self.log`` (and ``log_dict``, which calls it) adds to ``logged`` instead of Lightning's
+    results, weighted by the size of the batch the caller puts in the yielded list, as Lightning weights its
+    epoch means."""
+    current_batch: list[Any] = [None]
+
+    def collect(name: str, value: Any, *args: Any, reduce_fx: Any = "mean", batch_size: int | None = None,
+                **kwargs: Any) -> None:
+        if reduce_fx not in ("mean", torch.mean):
+            raise ValueError(f"bnguard re-evaluates logged means only, and {name!r} is logged with "
+                             f"reduce_fx={reduce_fx!r}: log it with the default mean")
+        if hasattr(value, "compute") and hasattr(value, "reset"):  # a torchmetrics Metric updated by the step
+            raise ValueError(f"bnguard cannot re-evaluate {name!r}, logged as a torchmetrics object: log its "
+                             "value (metric(preds, target)) instead")
+        logged.add(name, value, batch_size or batch_size_of(current_batch[0], required=False) or 1)
+
+    module.log = collect  # shadows the method on this instance only
+    try:
+        yield current_batch
+    finally:
+        del module.log
+
