@@ -115,11 +115,11 @@ class DivergencePolicy:
         gap = self.worse_by(eval_value, train_value) if train_value is not None else None
         drop = self.worse_by(eval_value, self.best) if self.best is not None else None
         self._remember(eval_value)
-        findings = []
+        findings, worse = [], "below" if self.higher_is_better else "above"  # a loss is worse when higher
         if gap is not None and gap > self.gap_threshold:
-            findings.append(f"eval {self.monitor} {gap:.3f} below train (threshold {self.gap_threshold})")
+            findings.append(f"eval {self.monitor} {gap:.3f} {worse} train (threshold {self.gap_threshold})")
         if drop is not None and drop > self.drop_threshold:
-            findings.append(f"eval {self.monitor} {drop:.3f} below its best (threshold {self.drop_threshold})")
+            findings.append(f"eval {self.monitor} {drop:.3f} {worse} its best (threshold {self.drop_threshold})")
         self.streak = self.streak + 1 if findings else 0
         decision = Decision(triggered=self.streak >= self.patience, findings=tuple(findings),
                             eval_before=eval_value, gap=gap, drop=drop)

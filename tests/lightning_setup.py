@@ -40,8 +40,8 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
-def loaders(n_train: int = 32, n_eval: int = 12, batch_size: int = 8):
-    train = DataLoader(toy_data(n_train), batch_size=batch_size, shuffle=True)
+def loaders(n_train: int = 32, n_eval: int = 12, batch_size: int = 8, shuffle: bool = True):
+    train = DataLoader(toy_data(n_train), batch_size=batch_size, shuffle=shuffle)
     return train, DataLoader(toy_data(n_eval, seed=1), batch_size=batch_size)
 
 
@@ -55,6 +55,7 @@ def memorizing_loaders():
 
 def trainer(tmp_path, callbacks, epochs: int = 3, **kwargs):
     kwargs.setdefault("logger", False)
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, default_root_dir=tmp_path,
+    kwargs.setdefault("devices", 1)
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", callbacks=callbacks, default_root_dir=tmp_path,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       deterministic=True, **kwargs)

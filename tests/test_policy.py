@@ -67,7 +67,7 @@ def test_lower_is_better_for_a_loss():
     assert not policy.check(0.5, 0.4).triggered
     decision = policy.check(0.9, 0.4)
     assert decision.triggered and decision.gap == pytest.approx(0.5) and decision.drop == pytest.approx(0.4)
-    assert decision.reason.startswith("eval loss 0.500 below train")
+    assert decision.reason.startswith("eval loss 0.500 above train")
     assert policy.best == 0.5
 
 

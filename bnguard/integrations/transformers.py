@@ -1,0 +1,261 @@
+"""bnguard's hooks in the Hugging Face ``Trainer``: one ``TrainerCallback`` that carries any list of them.
+
+    trainer = transformers.Trainer(model, args, ..., callbacks=[BNGuardCallback()])
+
+==============================================  ==============================================================
+Hugging Face                                    bnguard
+==============================================  ==============================================================
+``on_train_begin``                              FIT_START (hook state restored when resuming)
+``on_epoch_begin``                              EPOCH_START
+``on_step_end``                                 STEP_END, then EVAL_START if the Trainer will evaluate now
+``on_epoch_end``                                TRAIN_EPOCH_END, then EVAL_START if the Trainer will evaluate
+                                                now, else EPOCH_END
+``on_evaluate``                                 EVAL_END: the ``metrics`` dict is the hooks' ``eval_metrics``
+                                                and takes their re-evaluated values, before the Trainer picks
+                                                its best model; EPOCH_END follows an epoch's evaluation
+``on_log``                                      (the logged training loss, averaged into ``train_loss``)
+``on_save``                                     (hook state written into the checkpoint folder)
+``on_train_end``                                FIT_END
+==============================================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..batches import hook_batches
+from ..events import Event
+from ..hooks import Hook, HookRunner
+from ..tracking import Trackers
+from .common import RunningMeans, hook_state, missing_extra, without_evaluation
+
+try:
+    import transformers
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise missing_extra("transformers", "hf") from error
+
+STATE_FILE = "bnguard_hooks.pt"
+
+
+class TransformersTrackers(Trackers):
+    """The Trainer's reporting integrations: its W&B run (``report_to="wandb"``), with steps counted as
+    ``train/global_step`` as the Trainer counts them, and its TensorBoard writer (``"tensorboard"``).
+    Evaluation metrics are named as the Trainer names them (``eval/<name>``). Only process zero logs."""
+
+    def __init__(self, trainer: transformers.Trainer):
+        super().__init__(trainer.accelerator)
+        self.trainer = trainer
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.trainer.state.is_world_process_zero
+
+    def _callback(self, kind: type) -> Any:
+        return next((cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, kind)), None)
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        self.log_evaluation(without_evaluation(values), step)
+
+    def log_evaluation(self, values: dict[str, Any], step: int) -> None:
+        """Scalars, evaluation metrics included, to W&B and TensorBoard."""
+        if not values or not self.is_main_process:
+            return
+        values = {("eval/" + key.removeprefix("eval_") if key.startswith("eval_") else key): value
+                  for key, value in values.items()}
+        if self.wandb_run() is not None:
+            self.wandb_log(values, step)
+        writer = self.tensorboard_writer()
+        if writer is not None:
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+
+    def wandb_run(self) -> Any:
+        callback = self._callback(WandbCallback)
+        return callback._wandb.run if callback is not None and callback._wandb is not None else None
+
+    def wandb_log(self, values: dict[str, Any], step: int) -> None:
+        self.wandb_run().log({**values, "train/global_step": step})
+
+    def tensorboard_writer(self) -> Any:
+        callback = self._callback(TensorBoardCallback)
+        return callback.tb_writer if callback is not None else None
+
+
+class BNGuardCallback(transformers.TrainerCallback):
+    """Runs bnguard ``hooks`` (:class:`~bnguard.BNStatsLogger`, :class:`~bnguard.AutoRecalibrate`,
+    :class:`~bnguard.PreciseBN`, your own :class:`~bnguard.Hook`) in a Hugging Face ``Trainer``; the module
+    docstring maps the events. Without ``hooks``: a ``BNStatsLogger`` and an ``AutoRecalibrate`` watching
+    ``eval_loss`` against the training loss (the Trainer computes no train accuracy).
+
+    Metric names are the Trainer's: ``eval_loss`` and whatever ``compute_metrics`` returns (``eval_<name>``);
+    ``train_loss`` is the mean of the training losses the Trainer logged since the previous evaluation. So
+    ``AutoRecalibrate(monitor="accuracy")`` watches ``eval_accuracy`` for falls below its best only.
+    Re-evaluation runs the Trainer's own evaluation loop (its ``compute_metrics``, gathered over processes)
+    with no callback event fired; the recalibrated metrics are logged at the same ``train/global_step``, and
+    the decision is appended to ``state.log_history`` (``trainer_state.json``).
+
+    Recalibration batches are fresh shuffles of the training set batched like the Trainer's, or
+    ``recalibration_loader`` (any iterable, e.g. for streaming data); ``forward(model, batch)`` runs the model
+    on one (default: the batch dict as keyword arguments). Hook state is written into each checkpoint folder
+    and read back when the Trainer resumes from it. Every process must run the same hooks.
+    """
+
+    def __init__(self, hooks: Iterable[Hook] | None = None, *, recalibration_loader: Iterable[Any] | None = None,
+                 forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0):
+        if hooks is None:
+            from ..auto_recalibrate import AutoRecalibrate
+            from ..bn_stats import BNStatsLogger
+
+            hooks = [BNStatsLogger(), AutoRecalibrate(monitor="loss", higher_is_better=False)]
+        self.hooks, self.seed = list(hooks), seed
+        self.recalibration_loader, self.forward = recalibration_loader, forward
+        HookRunner(self.hooks)  # checks the hooks now, where the mistake is made
+        self.runner: HookRunner | None = None
+        self.trainer: transformers.Trainer | None = None
+        self.records: list[dict[str, Any]] = []
+        self._batches: Any = None
+        self._train = RunningMeans()
+        self._epoch_end_pending = self._training = False
+
+    # ---- setting up ------------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any) -> None:
+        self.trainer = trainer = _calling_trainer()
+        if isinstance(trainer.eval_dataset, dict):
+            raise ValueError("BNGuardCallback re-evaluates a single eval_dataset, and this Trainer has several")
+        self._batches = hook_batches(_batched_like_training(trainer), self.recalibration_loader,
+                                     accelerator=trainer.accelerator, seed=self.seed)
+        self.runner = HookRunner(self.hooks, accelerator=trainer.accelerator, model=model,
+                                 optimizer=kwargs.get("optimizer"),
+                                 evaluate=self._reevaluate if trainer.eval_dataset is not None else None,
+                                 train_batches=self._batches, forward=self.forward,
+                                 trackers=TransformersTrackers(trainer))
+        if state.global_step > 0:
+            self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+        self._training = True
+        self.runner.fire(Event.FIT_START, epoch=int(state.epoch or 0), step=state.global_step)
+
+    def _restore(self, path: Path) -> None:
+        if not path.exists():
+            raise FileNotFoundError(f"the Trainer resumes at step {path.parent.name.split('-')[-1]} but {path} "
+                                    "does not exist: resume from a checkpoint written with BNGuardCallback")
+        saved = torch.load(path, weights_only=False)
+        self.runner.load_state_dict(saved["hooks"])
+        if self._batches is not None and saved["batches"] is not None:
+            self._batches.load_state_dict(saved["batches"])
+        self.records = list(saved["records"])
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.runner is not None:
+            self.runner.fire(Event.EPOCH_START, epoch=int(round(state.epoch or 0)), record={}, train_metrics={},
+                             eval_metrics={})
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.runner is not None:
+            self.runner.fire(Event.STEP_END, step=state.global_step)
+            if control.should_evaluate:  # set by the Trainer's flow callback, which runs first
+                self.runner.fire(Event.EVAL_START)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.runner is not None and logs and "loss" in logs:
+            self._train.add("train_loss", logs["loss"])
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.runner is None:
+            return
+        self.runner.fire(Event.TRAIN_EPOCH_END)
+        if control.should_evaluate:
+            self._epoch_end_pending = True
+            self.runner.fire(Event.EVAL_START)
+        else:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        self._epoch_end_pending = False
+        self.runner.fire(Event.EPOCH_END)
+        state = self.runner.state
+        self.records.append({"epoch": state.epoch + 1, "step": state.step, **state.train_metrics,
+                             **state.eval_metrics, **state.record})
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    **kwargs: Any) -> None:
+        if self.runner is None or metrics is None or not self._training:
+            return
+        train = self._train.take() or dict(self.runner.state.train_metrics)  # none logged since: the last ones
+        measured = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        self.runner.state.record = {}
+        self.runner.fire(Event.EVAL_END, step=state.global_step, train_metrics=train, eval_metrics=dict(measured))
+        changed = {key: value for key, value in self.runner.state.eval_metrics.items()
+                   if key in measured and value != measured[key]}
+        metrics.update(changed)  # the same dict the Trainer then picks its best model by
+        self.runner.state.trackers.log_evaluation(changed, state.global_step)
+        if self.runner.state.record:
+            state.log_history.append({**changed, **self.runner.state.record, "step": state.global_step})
+        if self._epoch_end_pending:
+            self._end_epoch()
+
+    def _reevaluate(self) -> dict[str, float]:
+        """The Trainer's evaluation loop run again, its callback events silenced."""
+        trainer = self.trainer
+        with _silenced(trainer.callback_handler):
+            output = trainer.evaluation_loop(trainer.get_eval_dataloader(), description="bnguard re-evaluation",
+                                             prediction_loss_only=True if trainer.compute_metrics is None else None,
+                                             metric_key_prefix="eval")
+        return {key: float(value) for key, value in output.metrics.items() if isinstance(value, (int, float))}
+
+    # ---- checkpoints and the end ---------------------------------------------------------------------------
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.runner is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        partial = folder / (STATE_FILE + ".partial")
+        torch.save(hook_state(self.runner, self._batches, self.records), partial)
+        partial.replace(folder / STATE_FILE)  # whole or absent, never half-written
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.runner is not None:
+            self._training = False
+            self.runner.fire(Event.FIT_END)
+
+
+def _calling_trainer() -> transformers.Trainer:
+    """The Trainer firing the current event. Callbacks are given no reference to it, but every event is
+    fired from one of its methods, so it is on the call stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, transformers.Trainer):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError("BNGuardCallback runs inside a transformers.Trainer: pass it as Trainer(callbacks=[...])")
+
+
+def _batched_like_training(trainer: transformers.Trainer) -> Any:
+    """A loader over the training set batched as the Trainer batches it on each process; only its dataset,
+    batch size and collate function are used, for fresh shuffles."""
+    dataset = trainer.train_dataset
+    if dataset is None or not hasattr(dataset, "__getitem__"):
+        return None  # a stream: hooks that need batches ask for recalibration_loader=
+    return DataLoader(dataset, batch_size=trainer.args.per_device_train_batch_size, collate_fn=trainer.data_collator,
+                      num_workers=trainer.args.dataloader_num_workers)
+
+
+@contextmanager
+def _silenced(handler: Any) -> Iterator[None]:
+    """No callback hears of the re-evaluation's batches: they would count them twice."""
+    callbacks, handler.callbacks = handler.callbacks, []
+    try:
+        yield
+    finally:
+        handler.callbacks = callbacks
+

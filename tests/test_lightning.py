@@ -1,0 +1,179 @@
+"""The Lightning adapter in real Lightning Trainers on CPU: loggers read back, checkpoints, resume, DDP."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from bnguard import AutoRecalibrate, BNStatsLogger, Hook, PreciseBN, TrainingBatches, Verdict, recalibrate
+from bnguard.integrations.lightning import BNGuardCallback
+from helpers import assert_same_tensors, buffers_of
+from lightning_setup import Classifier, loaders, memorizing_loaders, trainer
+from wandb_log import history, offline_run_dir
+
+
+def bn_names(model):
+    return [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
+
+
+class SeenByLaterCallbacks(Callback):
+    """What a callback after bnguard's (as ModelCheckpoint and EarlyStopping are) reads at validation end."""
+
+    def __init__(self):
+        self.val_acc = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.val_acc.append(float(trainer.callback_metrics["val_acc"]))
+
+
+def test_histograms_of_every_batchnorm_layer_reach_wandb_and_tensorboard(tmp_path):
+    model = Classifier()
+    loggers = [WandbLogger(save_dir=str(tmp_path), offline=True), TensorBoardLogger(str(tmp_path), name="tb")]
+    fit = trainer(tmp_path, [BNGuardCallback([BNStatsLogger(every_n_steps=2, on_eval=False)])], epochs=2,
+                  logger=loggers)
+    fit.fit(model, *loaders())
+    loggers[0].experiment.finish()
+    rows = history(offline_run_dir(tmp_path))
+    names = bn_names(model)
+    assert len(names) == 6
+    for name in names:
+        for tensor in ("running_mean", "running_var"):
+            logged = [r for r in rows if f"bn/{name}/{tensor}/_type" in r]
+            assert [r["trainer/global_step"] for r in logged] == [2, 4, 6, 8]
+            assert all(r[f"bn/{name}/{tensor}/_type"] == "histogram" for r in logged)
+            assert sum(logged[-1][f"bn/{name}/{tensor}/values"]) == getattr(model.net.get_submodule(
+                name.removeprefix("net.")), tensor).numel()
+    assert any("bn/layers/_type" in r for r in rows)  # the layer table
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent),
+                              size_guidance={"histograms": 0})  # keep every step
+    events.Reload()
+    for name in names:
+        steps = [e.step for e in events.Histograms(f"bn/{name}/running_var")]
+        assert steps == [2, 4, 6, 8]
+        assert events.Histograms(f"bn/{name}/running_var")[-1].histogram_value.num == len(
+            model.net.get_submodule(name.removeprefix("net.")).running_var)
+
+
+def test_stale_statistics_are_recalibrated_and_the_checkpoint_keeps_the_recalibrated_score(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier(bn_momentum=0.0)  # running statistics never move from 0 / 1: stale once weights learn
+    guard = AutoRecalibrate()
+    callback, seen = BNGuardCallback([guard]), SeenByLaterCallbacks()
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    fit = trainer(tmp_path, [callback, seen, best], epochs=3, logger=logger)
+    fit.fit(model, *loaders())
+    logger.experiment.finish()
+    records = callback.records
+    recalibrated = [r for r in records if r["recalibrated"]]
+    assert recalibrated and all(r["diagnosis"] == Verdict.STALE for r in recalibrated)
+    assert all(r["eval_acc"] > r["eval_acc_before_recal"] for r in recalibrated)
+    assert seen.val_acc == [r["eval_acc"] for r in records]  # later callbacks read the recalibrated value
+    assert float(best.best_model_score) == max(r["eval_acc"] for r in records)
+    logged = [r["val_acc"] for r in history(offline_run_dir(tmp_path)) if "val_acc" in r]
+    assert logged == pytest.approx([r["eval_acc"] for r in records])  # the stale values were never logged
+    before = [r["bnguard/eval_acc_before_recal"] for r in history(offline_run_dir(tmp_path))
+              if "bnguard/eval_acc_before_recal" in r]
+    assert before == [r["eval_acc_before_recal"] for r in recalibrated]
+
+
+def test_the_re_evaluation_measures_what_lightning_measured(tmp_path):
+    class Remeasure(Hook):
+        def on_eval_end(self, state):
+            self.pairs = getattr(self, "pairs", []) + [(dict(state.eval_metrics), state.evaluate())]
+
+    hook = Remeasure()
+    trainer(tmp_path, [BNGuardCallback([hook])], epochs=2).fit(Classifier(), *loaders(n_eval=13, batch_size=4))
+    for measured, again in hook.pairs:  # batches of 4, 4, 4 and 1: weighted as Lightning weights them
+        assert again.keys() == measured.keys() == {"eval_acc", "eval_loss"}
+        assert again == pytest.approx(measured, rel=1e-6)
+
+
+def test_precise_bn_recalibrates_before_each_validation_exactly(tmp_path):
+    class Snapshot(Callback):  # after bnguard's EVAL_START, before any validation batch
+        def on_validation_start(self, trainer, pl_module):
+            self.buffers = buffers_of(pl_module)
+
+    snapshot = Snapshot()
+    train, evaluation = loaders(n_train=32, batch_size=8)
+    model = Classifier()
+    trainer(tmp_path, [BNGuardCallback([PreciseBN(num_samples=32)]), snapshot], epochs=1).fit(model, train, evaluation)
+    reference = Classifier()
+    reference.load_state_dict(model.state_dict())
+    recalibrate(reference, TrainingBatches(train)(), num_samples=32, progress=False)  # the batches it draws
+    assert_same_tensors(snapshot.buffers, buffers_of(reference))
+
+
+def test_genuine_overfitting_is_not_recalibrated_at_every_evaluation(tmp_path):
+    torch.manual_seed(0)
+    callback = BNGuardCallback([AutoRecalibrate(recovery_margin=0.05)])
+    trainer(tmp_path, [callback], epochs=10).fit(Classifier(lr=0.1, width=8), *memorizing_loaders())
+    records = callback.records
+    assert records[-1]["train_acc"] > 0.9 and records[-1]["eval_acc"] < 0.5
+    recalibrations = [r for r in records if r["recalibrated"]]
+    assert 1 <= len(recalibrations) <= 4
+    assert recalibrations[-1]["diagnosis"] == Verdict.UNEXPLAINED
+    assert any("backing off" in r["reason"] for r in records)
+
+
+def test_a_resumed_fit_continues_the_hooks_decisions(tmp_path):
+    def run(folder, epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        callback = BNGuardCallback([AutoRecalibrate()])
+        saver = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1)
+        # Lightning does not checkpoint the global random state that shuffles: a fixed order here
+        trainer(folder, [callback, saver], epochs=epochs).fit(Classifier(bn_momentum=0.0), *loaders(shuffle=False),
+                                                               ckpt_path=ckpt_path)
+        return callback
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "part", 2)
+    (checkpoint,) = (tmp_path / "part").glob("epoch=1-*.ckpt")
+    resumed = run(tmp_path / "part", 4, ckpt_path=str(checkpoint))
+
+    def decisions(callback):
+        return [{k: v for k, v in r.items() if k != "recal_seconds"} for r in callback.records]
+
+    assert any(r["recalibrated"] for r in whole.records[2:])  # the resumed half has decisions to agree on
+    assert decisions(resumed) == decisions(whole)
+    assert [h["reason"] for h in resumed.hooks[0].history] == [h["reason"] for h in whole.hooks[0].history]
+
+
+def test_two_ddp_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_path):
+    script = Path(__file__).with_name("lightning_two_processes.py")
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, cwd=script.parent, timeout=300)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert_same_tensors(rank0["buffers"], rank1["buffers"])
+    def decisions(history):
+        return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
+
+    assert decisions(rank0["history"]) == decisions(rank1["history"])
+    recalibrated = [r for r in rank0["records"] if r["recalibrated"]]
+    assert recalibrated and all(r["recal_samples"] == 64 for r in recalibrated)  # each rank its own 32
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1
+
+
+def test_several_training_loaders_need_a_recalibration_loader(tmp_path):
+    train, evaluation = loaders()
+    fit = trainer(tmp_path, [BNGuardCallback([PreciseBN()])], epochs=1)
+
+    class TwoLoaders(Classifier):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx)
+
+    with pytest.raises(TypeError, match="recalibration_loader="):
+        fit.fit(TwoLoaders(), {"a": train, "b": train}, evaluation)
+
+
+def test_a_missing_lightning_names_the_extra():
+    code = ("import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
+            "import bnguard.integrations.lightning")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0 and "pip install 'bnguard[lightning]'" in result.stderr
