@@ -45,8 +45,15 @@ def test_the_check_itself_catches_a_forbidden_import():
     assert "ImportError" in result.stderr or "ModuleNotFoundError" in result.stderr
 
 
+def test_bnguard_imports_without_the_frameworks_it_integrates_with():
+    code = ("import sys\nfor name in ('lightning', 'pytorch_lightning', 'transformers'):\n"
+            "    sys.modules[name] = None\nimport bnguard\nprint('OK')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "OK", result.stderr
+
+
 def test_files_and_classes_stay_small():
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         source = path.read_text()
         assert source.count("\n") <= 350, f"{path.name}: {source.count(chr(10))} lines"
         for node in ast.walk(ast.parse(source)):
