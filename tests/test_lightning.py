@@ -177,3 +177,18 @@ def test_a_missing_lightning_names_the_extra():
             "import bnguard.integrations.lightning")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0 and "pip install 'bnguard[lightning]'" in result.stderr
+
+
+def test_the_hooks_leave_training_bit_identical(tmp_path):
+    class Reevaluate(Hook):  # a re-evaluation after every evaluation, as after every recalibration
+        def on_eval_end(self, state):
+            state.evaluate()
+
+    def trained(hooks):
+        torch.manual_seed(0)
+        model = Classifier(bn_momentum=0.0)
+        trainer(tmp_path, [BNGuardCallback(hooks)], epochs=3).fit(model, *loaders())
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    guarded = trained([BNStatsLogger(every_n_steps=1), AutoRecalibrate(), PreciseBN(), Reevaluate()])
+    assert_same_tensors(trained([]), guarded)

@@ -175,3 +175,18 @@ def test_a_missing_transformers_names_the_extra():
     code = "import sys; sys.modules['transformers'] = None\nimport bnguard.integrations.transformers"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0 and "pip install 'bnguard[hf]'" in result.stderr
+
+
+def test_the_hooks_leave_training_bit_identical(tmp_path):
+    class Reevaluate(Hook):  # a re-evaluation after every evaluation, as after every recalibration
+        def on_eval_end(self, state):
+            state.evaluate()
+
+    def trained(callbacks):
+        model = tiny_resnet(bn_momentum=0.0)
+        trainer(tmp_path, callbacks, model=model, epochs=3).train()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    hooks = [BNStatsLogger(every_n_steps=1), AutoRecalibrate(**LOSS), PreciseBN(), Reevaluate()]
+    guarded = trained([BNGuardCallback(hooks)])
+    assert_same_tensors(trained([]), guarded)

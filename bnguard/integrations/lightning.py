@@ -31,6 +31,7 @@ from ..batches import batch_size as batch_size_of
 from ..batches import hook_batches
 from ..events import Event
 from ..hooks import Hook, HookRunner
+from ..isolation import preserved_rng
 from ..tracking import Trackers
 from .common import RunningMeans, hook_state, missing_extra, without_evaluation
 
@@ -108,8 +109,6 @@ class BNGuardCallback(pl.Callback):
 
     # ---- setting up ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.hooks:
-            return
         self._batches = hook_batches(_single_loader(trainer.train_dataloader), self.recalibration_loader,
                                      accelerator=None, seed=self.seed)
         self.runner = HookRunner(self.hooks, model=pl_module, optimizer=trainer.optimizers[0] if trainer.optimizers
@@ -185,14 +184,15 @@ class BNGuardCallback(pl.Callback):
         return means.take()
 
     def _revalidate(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
-        """The module's validation metrics measured again, without firing any Lightning event."""
+        """The module's validation metrics measured again, without firing any Lightning event or drawing from
+        the global random state (a new loader iterator would, and so change the next shuffles)."""
         loaders = trainer.val_dataloaders
         loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
         logged = RunningMeans()
         was_training = module.training
         module.eval()
         try:
-            with torch.no_grad(), _collecting_logs(module, logged) as current_batch:
+            with torch.no_grad(), preserved_rng(), _collecting_logs(module, logged) as current_batch:
                 for index, loader in enumerate(loaders):
                     for batch_index, batch in enumerate(loader):
                         current_batch[0] = batch = trainer.strategy.batch_to_device(batch)

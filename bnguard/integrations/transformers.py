@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from ..batches import hook_batches
 from ..events import Event
 from ..hooks import Hook, HookRunner
+from ..isolation import preserved_rng
 from ..tracking import Trackers
 from .common import RunningMeans, hook_state, missing_extra, without_evaluation
 
@@ -205,9 +206,10 @@ class BNGuardCallback(transformers.TrainerCallback):
             self._end_epoch()
 
     def _reevaluate(self) -> dict[str, float]:
-        """The Trainer's evaluation loop run again, its callback events silenced."""
+        """The Trainer's evaluation loop run again, its callback events silenced and the global random state
+        left as it was (a new loader iterator draws from it, and so would change the next shuffles)."""
         trainer = self.trainer
-        with _silenced(trainer.callback_handler):
+        with _silenced(trainer.callback_handler), preserved_rng():
             output = trainer.evaluation_loop(trainer.get_eval_dataloader(), description="bnguard re-evaluation",
                                              prediction_loss_only=True if trainer.compute_metrics is None else None,
                                              metric_key_prefix="eval")
