@@ -181,6 +181,8 @@ class BNStatsLogger(Hook):
                          trackers=state.trackers)
 
     def _keep_first_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if "forward" in vars(module):  # a wrapper runs another method as forward (Lightning's DDP runs
+            return                     # training_step so): wait for the model's own forward, called inside
         self._first_input = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
         self._stop_capturing()
 
