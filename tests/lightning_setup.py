@@ -1,18 +1,24 @@
-"""A tiny real Lightning setup for the adapter's tests: tiny_resnet in a LightningModule that logs train_* on
-every step and val_* per epoch, as most LightningModules do."""
+"""A tiny real Lightning setup for the adapter's tests: the seed's network (examples/models.py, narrow) in a
+LightningModule that logs train_* on every step and val_* per epoch, as most LightningModules do."""
+
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import tiny_resnet, toy_data
+from helpers import toy_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from models import SeedNet
 
 
 class Classifier(pl.LightningModule):
     def __init__(self, lr: float = 0.05, bn_momentum: float | None = 0.1, width: int = 4):
         super().__init__()
-        self.net, self.lr = tiny_resnet(width=width), lr
+        self.net, self.lr = SeedNet(4, width=width, in_channels=1), lr
         for module in self.net.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = bn_momentum
@@ -41,8 +47,8 @@ class Classifier(pl.LightningModule):
 
 
 def loaders(n_train: int = 32, n_eval: int = 12, batch_size: int = 8, shuffle: bool = True):
-    train = DataLoader(toy_data(n_train), batch_size=batch_size, shuffle=shuffle)
-    return train, DataLoader(toy_data(n_eval, seed=1), batch_size=batch_size)
+    train = DataLoader(toy_data(n_train, size=16), batch_size=batch_size, shuffle=shuffle)
+    return train, DataLoader(toy_data(n_eval, seed=1, size=16), batch_size=batch_size)
 
 
 def memorizing_loaders():

@@ -16,10 +16,10 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     guard = AutoRecalibrate()
     callback = BNGuardCallback([BNStatsLogger(every_n_steps=2), guard])
-    fit = trainer(out, [callback], epochs=3, devices=2, strategy="ddp",
+    fit = trainer(out, [callback], epochs=4, devices=2, strategy="ddp",
                   logger=WandbLogger(save_dir=str(out), offline=True))
     model = Classifier(bn_momentum=0.0)
-    fit.fit(model, *loaders(n_train=64, n_eval=24))
+    fit.fit(model, *loaders(n_train=64, n_eval=24, shuffle=False))
     buffers = {name: tensor.clone() for name, tensor in model.named_buffers()}
     torch.save({"buffers": buffers, "records": callback.records, "history": guard.history},
                out / f"rank{fit.global_rank}.pt")

@@ -42,7 +42,7 @@ def test_histograms_of_every_batchnorm_layer_reach_wandb_and_tensorboard(tmp_pat
     loggers[0].experiment.finish()
     rows = history(offline_run_dir(tmp_path))
     names = bn_names(model)
-    assert len(names) == 6
+    assert len(names) == 17  # the question's 17 BatchNorm layers
     for name in names:
         for tensor in ("running_mean", "running_var"):
             logged = [r for r in rows if f"bn/{name}/{tensor}/_type" in r]
@@ -112,15 +112,18 @@ def test_precise_bn_recalibrates_before_each_validation_exactly(tmp_path):
 
 
 def test_genuine_overfitting_is_not_recalibrated_at_every_evaluation(tmp_path):
+    # Only the head learns, from fixed features whose statistics are exact after one full batch (cumulative
+    # average): the head memorizes random labels, and recalibrating can explain none of the gap.
     torch.manual_seed(0)
-    callback = BNGuardCallback([AutoRecalibrate(recovery_margin=0.05)])
-    trainer(tmp_path, [callback], epochs=10).fit(Classifier(lr=0.1, width=8), *memorizing_loaders())
+    model = Classifier(bn_momentum=None, width=8, lr=0.1)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("net.head")
+    callback = BNGuardCallback([AutoRecalibrate()])
+    trainer(tmp_path, [callback], epochs=10).fit(model, *memorizing_loaders())
     records = callback.records
-    assert records[-1]["train_acc"] > 0.9 and records[-1]["eval_acc"] < 0.5
-    recalibrations = [r for r in records if r["recalibrated"]]
-    assert 1 <= len(recalibrations) <= 4
-    assert recalibrations[-1]["diagnosis"] == Verdict.UNEXPLAINED
-    assert any("backing off" in r["reason"] for r in records)
+    assert records[-1]["train_acc"] == 1.0 and records[-1]["eval_acc"] < 0.5  # memorized, not learned
+    assert [r["epoch"] for r in records if r["recalibrated"]] == [2, 4, 7]  # backing off 1, 2, then 4
+    assert all(r["diagnosis"] == Verdict.UNEXPLAINED for r in records if r["recalibrated"])
 
 
 def test_a_resumed_fit_continues_the_hooks_decisions(tmp_path):
@@ -141,7 +144,7 @@ def test_a_resumed_fit_continues_the_hooks_decisions(tmp_path):
     def decisions(callback):
         return [{k: v for k, v in r.items() if k != "recal_seconds"} for r in callback.records]
 
-    assert any(r["recalibrated"] for r in whole.records[2:])  # the resumed half has decisions to agree on
+    assert any(r["diagnosis"] is not None for r in whole.records[2:])  # the resumed half has decisions to agree on
     assert decisions(resumed) == decisions(whole)
     assert [h["reason"] for h in resumed.hooks[0].history] == [h["reason"] for h in whole.hooks[0].history]
 

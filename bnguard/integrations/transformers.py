@@ -148,7 +148,7 @@ class BNGuardCallback(transformers.TrainerCallback):
         if not path.exists():
             raise FileNotFoundError(f"the Trainer resumes at step {path.parent.name.split('-')[-1]} but {path} "
                                     "does not exist: resume from a checkpoint written with BNGuardCallback")
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         self.runner.load_state_dict(saved["hooks"])
         if self._batches is not None and saved["batches"] is not None:
             self._batches.load_state_dict(saved["batches"])
