@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 from .hooks import Hook
 from .isolation import batchnorm_in_train_mode
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
+from .overview import SECTION, Overview
 from .state import State
 from .tracking import Histogram, Trackers
 from .validation import positive_int
@@ -125,13 +127,21 @@ class BNStatsLogger(Hook):
     ``bn/<layer>/staleness_mean_shift_max`` (in new-std units) and ``bn/<layer>/staleness_log_var_ratio_max``,
     and the new statistics. Main process only, with no collective; steps that do not log cost one integer
     comparison.
+
+    With ``overview`` (the default) it also logs, under ``at-a-glance/``: a chart of ``train_<metric>``,
+    ``eval_<metric>`` and the eval value with the running statistics as trained, per epoch
+    (``overview_metric``, default ``acc``); one chart per summary statistic with a line per layer, after each
+    evaluation; and at each recalibration a layers x recalibrations heatmap of how far each one moved each
+    layer (an image in W&B and TensorBoard). :meth:`save_staleness` writes the heatmap as a PNG.
     """
 
     def __init__(self, every_n_steps: int = 100, on_eval: bool = True, bins: int = 64,
-                 include_affine: bool = False, input_size: tuple[int, ...] | None = None):
+                 include_affine: bool = False, input_size: tuple[int, ...] | None = None, overview: bool = True,
+                 overview_metric: str = "acc"):
         self.every_n_steps, self.on_eval = positive_int("every_n_steps", every_n_steps), on_eval
         self.bins = check_bins(bins)
         self.include_affine, self.input_size = include_affine, input_size
+        self.overview = Overview(overview_metric) if overview else None
         self._logged_step: int | None = None
         self._capture: Any = None
         self._first_input: tuple[tuple, dict] | None = None
@@ -142,7 +152,7 @@ class BNStatsLogger(Hook):
         if not any(True for _ in batchnorm_layers(state.model)):
             warnings.warn("BNStatsLogger: the model has no BatchNorm layer, nothing will be logged", stacklevel=2)
         elif self.input_size is not None:
-            self._describe(state, {"input_size": self.input_size})
+            describe_layers(state, {"input_size": self.input_size})
         else:
             self._capture = state.unwrapped_model.register_forward_pre_hook(self._keep_first_input,
                                                                             with_kwargs=True)
@@ -151,13 +161,19 @@ class BNStatsLogger(Hook):
         if self._first_input is not None:
             args, kwargs = self._first_input
             self._first_input = None
-            self._describe(state, {"input_data": list(args), **kwargs} if args else {"input_data": kwargs})
+            describe_layers(state, {"input_data": list(args), **kwargs} if args else {"input_data": kwargs})
         if state.step % self.every_n_steps == 0:
             self._log(state)
 
     def on_eval_end(self, state: State) -> None:
         if self.on_eval:
             self._log(state)
+        self._publish(state, layers=True)
+
+    def on_epoch_end(self, state: State) -> None:
+        if self.overview is not None and state.is_main_process and self.overview.add_epoch(
+                state.epoch + 1, state.train_metrics, state.eval_metrics, state.record):
+            self._publish(state, accuracy=True)
 
     def on_recalibrated(self, state: State) -> None:
         values = {}
@@ -167,9 +183,17 @@ class BNStatsLogger(Hook):
         state.log(values)
         self._logged_step = None  # the statistics changed: log them again even at this step
         self._log(state)
+        if self.overview is not None and state.is_main_process:
+            self.overview.add_recalibration(state.step, state.recalibration)
+            self._publish(state, staleness=True)
 
     def on_fit_end(self, state: State) -> None:
         self._stop_capturing()
+        self._publish(state, layers=True, staleness=True)
+
+    def save_staleness(self, path: str | Path) -> Path | None:
+        """Writes the layers x recalibrations heatmap as a PNG; None without overview or recalibration."""
+        return self.overview.save_staleness(path) if self.overview is not None else None
 
     def on_exception(self, state: State) -> None:
         self._stop_capturing()
@@ -177,8 +201,24 @@ class BNStatsLogger(Hook):
     def _log(self, state: State) -> None:
         if self._logged_step != state.step:  # the same statistics at the same step are logged once
             self._logged_step = state.step
-            log_bn_stats(state.model, state.step, bins=self.bins, include_affine=self.include_affine,
-                         trackers=state.trackers)
+            stats = log_bn_stats(state.model, state.step, bins=self.bins, include_affine=self.include_affine,
+                                 trackers=state.trackers)
+            if self.overview is not None and stats:
+                self.overview.add_layer_statistics(state.step, stats)
+
+    def _publish(self, state: State, *, accuracy: bool = False, layers: bool = False,
+                 staleness: bool = False) -> None:
+        """The overview: charts to W&B, the heatmap to W&B and TensorBoard (main process only)."""
+        trackers, overview = state.trackers, self.overview
+        if overview is None or not trackers.is_main_process:
+            return
+        if trackers.wandb_run() is not None:
+            charts = {overview.metric: overview.accuracy_chart()} if accuracy else {}
+            charts.update(overview.layer_charts() if layers else {})
+            for name, chart in charts.items():
+                trackers.log_chart(f"{SECTION}/{name}", chart, state.step)
+        if staleness and (image := overview.staleness_image()) is not None:
+            trackers.log_image(f"{SECTION}/staleness", image, state.step)
 
     def _keep_first_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if "forward" in vars(module):  # a wrapper runs another method as forward (Lightning's DDP runs
@@ -191,26 +231,27 @@ class BNStatsLogger(Hook):
             self._capture.remove()
             self._capture = None
 
-    def _describe(self, state: State, inputs: dict[str, Any]) -> None:
-        """Prints the torchinfo summary and logs the layer table with each BatchNorm layer's output shape."""
-        from torchinfo import summary
 
-        model = state.unwrapped_model
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        names, shapes = {id(module): name for name, module in batchnorm_layers(model)}, {}
-        try:
-            with torch.no_grad(), batchnorm_in_train_mode(model, ()):  # modes, buffers, random states kept
-                stats = summary(model, device=device, verbose=0, **inputs)
-        except Exception as error:  # noqa: BLE001 - a summary is a nicety: never stop training for it
-            warnings.warn(f"BNStatsLogger: torchinfo could not summarize the model ({error!r:.200}); the layer "
-                          "table is logged without output shapes", stacklevel=2)
-        else:
-            print(stats)
-            shapes = {names[id(row.module)]: row.output_size for row in stats.summary_list if id(row.module) in names}
-        columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
-        rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine, layer.track_running_stats,
-                 str(shapes.get(name, "unknown"))] for name, layer in batchnorm_layers(model)]
-        state.trackers.log_table("bn/layers", columns, rows, state.step)
+def describe_layers(state: State, inputs: dict[str, Any]) -> None:
+    """Prints the torchinfo summary and logs the layer table with each BatchNorm layer's output shape."""
+    from torchinfo import summary
+
+    model = state.unwrapped_model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    names, shapes = {id(module): name for name, module in batchnorm_layers(model)}, {}
+    try:
+        with torch.no_grad(), batchnorm_in_train_mode(model, ()):  # modes, buffers, random states kept
+            stats = summary(model, device=device, verbose=0, **inputs)
+    except Exception as error:  # noqa: BLE001 - a summary is a nicety: never stop training for it
+        warnings.warn(f"BNStatsLogger: torchinfo could not summarize the model ({error!r:.200}); the layer "
+                      "table is logged without output shapes", stacklevel=2)
+    else:
+        print(stats)
+        shapes = {names[id(row.module)]: row.output_size for row in stats.summary_list if id(row.module) in names}
+    columns = ["layer", "num_features", "momentum", "eps", "affine", "track_running_stats", "output_shape"]
+    rows = [[name, layer.num_features, str(layer.momentum), layer.eps, layer.affine, layer.track_running_stats,
+             str(shapes.get(name, "unknown"))] for name, layer in batchnorm_layers(model)]
+    state.trackers.log_table("bn/layers", columns, rows, state.step)
 
 
 def _detached(value: Any) -> Any:

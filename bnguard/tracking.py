@@ -157,6 +157,23 @@ class Trackers:
 
             self.wandb_log({key: wandb.Table(columns=list(columns), data=[list(row) for row in rows])}, step)
 
+    def log_chart(self, key: str, chart: Any, step: int) -> None:
+        """A W&B custom chart (``wandb.plot.*``) at ``step``; TensorBoard has no such charts."""
+        if self.is_main_process and self.wandb_run() is not None:
+            self.wandb_log({key: chart}, step)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """An RGB image (height x width x 3, uint8) at ``step``, to W&B and TensorBoard."""
+        if not self.is_main_process:
+            return
+        if self.wandb_run() is not None:
+            import wandb
+
+            self.wandb_log({key: wandb.Image(image)}, step)
+        writer = self.tensorboard_writer()
+        if writer is not None:
+            writer.add_image(key, image, global_step=step, dataformats="HWC")
+
     def alert(self, title: str, text: str) -> bool:
         """A W&B alert (e-mail / Slack) when the run is online; returns whether one was sent."""
         run = self.wandb_run() if self.is_main_process else None

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> transformers.Trainer:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     train_set, eval_set, _, classes = digits(32, seed=args.seed)
     callbacks = [] if args.bnguard == "off" else [BNGuardCallback([
-        bnguard.BNStatsLogger(every_n_steps=50),
+        bnguard.BNStatsLogger(every_n_steps=50, overview_metric="loss"),
         bnguard.PreciseBN() if args.bnguard == "always" else bnguard.AutoRecalibrate(monitor="loss",
                                                                                     higher_is_better=False),
     ])]

@@ -107,6 +107,8 @@ def train(args, mode: str, data, output_dir: Path) -> tuple[list[dict], float, b
         logger.experiment.finish()
     if trainer.is_global_zero:
         print(f"[{mode}] best val_acc {float(best.best_model_score):.4f} in {best.best_model_path}")
+    if trainer.is_global_zero and mode != "off" and guard.hooks[0].save_staleness(output_dir.parent / "staleness.png"):
+        print(f"how far each recalibration moved each layer: {output_dir.parent / 'staleness.png'}")
     return guard.records, time.perf_counter() - started, trainer.is_global_zero
 
 

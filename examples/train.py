@@ -117,9 +117,10 @@ def train(args, mode: str, data, output_dir: Path, accelerator: Accelerator) -> 
     if args.schedule == "cosine":  # stepped once per optimizer step, on every process
         steps = args.epochs * min(len(train_loader) // accelerator.num_processes or 1, args.limit_batches or 10**9)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    hooks = hooks_for(mode, args)
     loop = bnguard.Loop(
         model, optimizer, train_loader, eval_loader=eval_loader, scheduler=scheduler, accelerator=accelerator,
-        hooks=hooks_for(mode, args), epochs=args.epochs, limit_train_batches=args.limit_batches,
+        hooks=hooks, epochs=args.epochs, limit_train_batches=args.limit_batches,
         checkpoint_every_epochs=args.checkpoint_every, output_dir=output_dir, tracker=args.tracker,
         project=args.wandb_project, run_name=f"{output_dir.name}-{mode}", seed=args.seed,
         config={**vars(args), "bnguard": mode},
@@ -128,7 +129,7 @@ def train(args, mode: str, data, output_dir: Path, accelerator: Accelerator) -> 
     loop.fit(resume_from=args.resume)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()] \
         if accelerator.is_main_process else []
-    return {"records": records, "seconds": time.perf_counter() - started}
+    return {"records": records, "seconds": time.perf_counter() - started, "hooks": hooks}
 
 
 def summary_line(mode: str, result: dict) -> str:
@@ -137,6 +138,15 @@ def summary_line(mode: str, result: dict) -> str:
     recals = sum(bool(r.get("recalibrated")) for r in records)
     return (f"[{mode}] best eval accuracy {max(evals):.4f}, final {evals[-1]:.4f}, "
             f"{recals} recalibration(s), {result['seconds']:.1f} s")
+
+
+def save_staleness(results: dict[str, dict], path: Path) -> Path | None:
+    """The layers x recalibrations heatmap of the run that recalibrated, next to accuracy.png."""
+    for result in results.values():
+        loggers = [hook for hook in result["hooks"] if isinstance(hook, bnguard.BNStatsLogger)]
+        if loggers and loggers[0].save_staleness(path) is not None:
+            return path
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -155,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         for mode, result in results.items():
             print(summary_line(mode, result))
         print(f"metrics and plot in {output_dir}: {plot}")
+        staleness = save_staleness(results, output_dir / "staleness.png")
+        if staleness is not None:
+            print(f"how far each recalibration moved each layer: {staleness}")
     return results
 
 

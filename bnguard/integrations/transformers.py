@@ -116,7 +116,7 @@ class BNGuardCallback(transformers.TrainerCallback):
             from ..auto_recalibrate import AutoRecalibrate
             from ..bn_stats import BNStatsLogger
 
-            hooks = [BNStatsLogger(), AutoRecalibrate(monitor="loss", higher_is_better=False)]
+            hooks = [BNStatsLogger(overview_metric="loss"), AutoRecalibrate(monitor="loss", higher_is_better=False)]
         self.hooks, self.seed = list(hooks), seed
         self.recalibration_loader, self.forward = recalibration_loader, forward
         HookRunner(self.hooks)  # checks the hooks now, where the mistake is made

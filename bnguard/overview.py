@@ -1,0 +1,124 @@
+"""The charts a run is read by at a glance: accuracy with and without recalibration, every BatchNorm layer in
+one chart per statistic, and a layers x recalibrations heatmap of how far each recalibration moved each layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .records import RecordKeys
+from .report import RecalibrationReport
+
+SECTION = "at-a-glance"  # sorts before bn/ and bnguard/, so that W&B shows it first
+LAYER_STATISTICS = ("running_mean_mean", "running_mean_std", "log_running_var_mean")
+
+
+class Overview:
+    """Collects a run's history (one row per epoch, one per layer-statistics round, one column per
+    recalibration) and draws it: W&B line-series charts and a matplotlib heatmap."""
+
+    def __init__(self, metric: str = "acc"):
+        self.metric = metric
+        self.epochs: list[dict[str, Any]] = []
+        self.layer_steps: list[int] = []
+        self.layer_values: dict[str, dict[str, list[float]]] = {stat: {} for stat in LAYER_STATISTICS}
+        self.recalibrations: list[tuple[int, dict[str, float]]] = []
+
+    # ---- collecting --------------------------------------------------------------------------------------
+    def add_epoch(self, epoch: int, train: dict[str, Any], evaluation: dict[str, Any], record: dict[str, Any]) -> bool:
+        """One epoch's accuracy (or ``metric``) as trained and as evaluated; False when it has none."""
+        eval_key = f"eval_{self.metric}"
+        if eval_key not in evaluation:
+            return False
+        before = record.get(RecordKeys.before_recal(eval_key))
+        self.epochs.append({"epoch": epoch, "train": train.get(f"train_{self.metric}"), "eval": evaluation[eval_key],
+                            "as_trained": before if before is not None else evaluation[eval_key]})
+        return True
+
+    def add_layer_statistics(self, step: int, stats: dict[str, Any]) -> None:
+        """The summary scalars of one :func:`~bnguard.bn_statistics` round. A second round at the same step
+        (after a recalibration) replaces the first, as it does in W&B."""
+        again = bool(self.layer_steps) and self.layer_steps[-1] == step
+        if not again:
+            self.layer_steps.append(step)
+        for statistic, per_layer in self.layer_values.items():
+            for key, value in stats.items():
+                if key.startswith("bn/") and key.endswith("/" + statistic):
+                    values = per_layer.setdefault(key[3:-len(statistic) - 1], [])
+                    if again and values:
+                        values[-1] = float(value)
+                    else:
+                        values.append(float(value))
+
+    def add_recalibration(self, step: int, report: RecalibrationReport) -> None:
+        self.recalibrations.append((step, {layer.name: layer.mean_shift_max for layer in report.recalibrated}))
+
+    # ---- drawing -----------------------------------------------------------------------------------------
+    def accuracy_chart(self) -> Any:
+        """Train, eval and eval with the statistics as trained, per epoch: the two eval lines part where
+        bnguard recalibrated."""
+        import wandb
+
+        epochs = [row["epoch"] for row in self.epochs]
+        series = [("train", "train"), ("eval", "eval"), ("as_trained", "eval, statistics as trained")]
+        kept = [(key, name) for key, name in series if all(row[key] is not None for row in self.epochs)]
+        return wandb.plot.line_series(xs=epochs, ys=[[row[key] for row in self.epochs] for key, _ in kept],
+                                      keys=[name for _, name in kept], title=f"{self.metric}: train, eval, and eval "
+                                      "with the running statistics as trained", xname="epoch")
+
+    def layer_charts(self) -> dict[str, Any]:
+        """One chart per statistic, a line per layer, over the logged steps."""
+        import wandb
+
+        charts = {}
+        for statistic, per_layer in self.layer_values.items():
+            if per_layer:
+                charts[statistic] = wandb.plot.line_series(
+                    xs=self.layer_steps, ys=list(per_layer.values()), keys=list(per_layer),
+                    title=f"{statistic} of every BatchNorm layer", xname="step")
+        return charts
+
+    def staleness_figure(self) -> Any:
+        """Layers x recalibrations, coloured by how far each recalibration moved each layer's mean (largest
+        channel shift, in units of the new standard deviation); None before the first recalibration. A plain
+        matplotlib ``Figure``: no pyplot, so the user's backend is left alone."""
+        if not self.recalibrations:
+            return None
+        import numpy as np
+        from matplotlib.figure import Figure
+
+        layers = list(dict.fromkeys(name for _, moved in self.recalibrations for name in moved))
+        grid = np.array([[moved.get(name, np.nan) for _, moved in self.recalibrations] for name in layers])
+        figure = Figure(figsize=(min(4 + 0.45 * grid.shape[1], 14), 1.5 + 0.25 * len(layers)), dpi=100)
+        axes = figure.subplots()
+        image = axes.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+        axes.set_yticks(range(len(layers)), layers, fontsize=7)
+        axes.set_xticks(range(grid.shape[1]), [str(step) for step, _ in self.recalibrations], fontsize=7,
+                        rotation=90 if grid.shape[1] > 12 else 0)
+        axes.set_xlabel("recalibration at step")
+        axes.set_title("how far each recalibration moved each layer's running mean", fontsize=9)
+        figure.colorbar(image, ax=axes, label="largest channel shift (new std)")
+        figure.tight_layout()
+        return figure
+
+    def staleness_image(self) -> Any:
+        """The heatmap as an RGB array (height x width x 3, uint8), or None before any recalibration."""
+        figure = self.staleness_figure()
+        if figure is None:
+            return None
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+    def save_staleness(self, path: str | Path) -> Path | None:
+        """Writes the heatmap as a PNG (for people who never open W&B); None before any recalibration."""
+        figure = self.staleness_figure()
+        if figure is None:
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+        return path
