@@ -217,7 +217,8 @@ class BNStatsLogger(Hook):
             charts.update(overview.layer_charts() if layers else {})
             for name, chart in charts.items():
                 trackers.log_chart(f"{SECTION}/{name}", chart, state.step)
-        if staleness and (image := overview.staleness_image()) is not None:
+        drawn = trackers.wandb_run() is not None or trackers.tensorboard_writer() is not None
+        if staleness and drawn and (image := overview.staleness_image()) is not None:
             trackers.log_image(f"{SECTION}/staleness", image, state.step)
 
     def _keep_first_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
