@@ -176,6 +176,15 @@ def test_several_training_loaders_need_a_recalibration_loader(tmp_path):
 
     with pytest.raises(TypeError, match="recalibration_loader="):
         fit.fit(TwoLoaders(), {"a": train, "b": train}, evaluation)
+    precise = PreciseBN(num_samples=8)
+    given = trainer(tmp_path, [BNGuardCallback([precise], recalibration_loader=train)], epochs=1)
+    given.fit(TwoLoaders(), {"a": train, "b": train}, evaluation)  # with one given, it recalibrates from it
+    assert precise.evaluations == 1
+
+
+def test_hooks_are_checked_where_the_callback_is_built():
+    with pytest.raises(TypeError, match="subclass bnguard.Hook"):
+        BNGuardCallback([object()])
 
 
 def test_a_missing_lightning_names_the_extra():

@@ -190,3 +190,8 @@ def test_the_hooks_leave_training_bit_identical(tmp_path):
     hooks = [BNStatsLogger(every_n_steps=1), AutoRecalibrate(**LOSS), PreciseBN(), Reevaluate()]
     guarded = trained([BNGuardCallback(hooks)])
     assert_same_tensors(trained([]), guarded)
+
+
+def test_hooks_are_checked_where_the_callback_is_built():
+    with pytest.raises(TypeError, match="subclass bnguard.Hook"):
+        BNGuardCallback([object()])

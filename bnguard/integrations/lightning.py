@@ -30,7 +30,7 @@ from torch import nn
 from ..batches import batch_size as batch_size_of
 from ..batches import hook_batches
 from ..events import Event
-from ..hooks import Hook, HookRunner
+from ..hooks import Hook, HookRunner, checked_hooks
 from ..isolation import preserved_rng
 from ..tracking import Trackers
 from .common import RunningMeans, hook_state, missing_extra, without_evaluation
@@ -97,9 +97,9 @@ class BNGuardCallback(pl.Callback):
     def __init__(self, hooks: Iterable[Hook] = (), *, val_prefix: str = "val_",
                  recalibration_loader: Iterable[Any] | None = None,
                  forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0):
-        self.hooks, self.val_prefix, self.seed = list(hooks), val_prefix, seed
+        self.hooks = checked_hooks(hooks)  # checked here, where a mistake is made
+        self.val_prefix, self.seed = val_prefix, seed
         self.recalibration_loader, self.forward = recalibration_loader, forward
-        HookRunner(self.hooks)  # checks the hooks now, where the mistake is made
         self.records: list[dict[str, Any]] = []
         self.runner: HookRunner | None = None
         self._batches: Any = None
@@ -109,8 +109,8 @@ class BNGuardCallback(pl.Callback):
 
     # ---- setting up ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batches = hook_batches(_single_loader(trainer.train_dataloader), self.recalibration_loader,
-                                     accelerator=None, seed=self.seed)
+        train_loader = None if self.recalibration_loader is not None else _single_loader(trainer.train_dataloader)
+        self._batches = hook_batches(train_loader, self.recalibration_loader, accelerator=None, seed=self.seed)
         self.runner = HookRunner(self.hooks, model=pl_module, optimizer=trainer.optimizers[0] if trainer.optimizers
                                  else None, evaluate=lambda: self._revalidate(trainer, pl_module),
                                  train_batches=self._moved_batches(trainer) if self._batches else None,

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..batches import hook_batches
 from ..events import Event
-from ..hooks import Hook, HookRunner
+from ..hooks import Hook, HookRunner, checked_hooks
 from ..isolation import preserved_rng
 from ..tracking import Trackers
 from .common import RunningMeans, hook_state, missing_extra, without_evaluation
@@ -117,9 +117,9 @@ class BNGuardCallback(transformers.TrainerCallback):
             from ..bn_stats import BNStatsLogger
 
             hooks = [BNStatsLogger(overview_metric="loss"), AutoRecalibrate(monitor="loss", higher_is_better=False)]
-        self.hooks, self.seed = list(hooks), seed
+        self.hooks = checked_hooks(hooks)  # checked here, where a mistake is made
+        self.seed = seed
         self.recalibration_loader, self.forward = recalibration_loader, forward
-        HookRunner(self.hooks)  # checks the hooks now, where the mistake is made
         self.runner: HookRunner | None = None
         self.trainer: transformers.Trainer | None = None
         self.records: list[dict[str, Any]] = []
