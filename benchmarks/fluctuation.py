@@ -79,13 +79,13 @@ def main() -> None:
         print(f"| {r['mode']:<7} | {r['seed']:>4} | {100 * r['drop']:>9.1f} | {100 * r['mean']:>9.1f} | "
               f"{100 * r['final']:>10.1f} | {r['recals']:>6} | {r['recal_s']:>7.2f} | {r['wall']:>6.1f} |")
     print(f"\nmedian [min, max] over {len(args.seeds)} seeds:\n")
-    print(f"| {'bnguard':<7} | {'mean eval':>18} | {'worst dip':>18} | {'final eval':>18} | {'recals':>6} |")
-    print(f"|{'-' * 9}|{'-' * 20}|{'-' * 20}|{'-' * 20}|{'-' * 8}|")
+    print(f"| {'bnguard':<7} | {'mean eval':>19} | {'worst dip':>19} | {'final eval':>19} | {'recals':>6} |")
+    print(f"|{'-' * 9}|{'-' * 21}|{'-' * 21}|{'-' * 21}|{'-' * 8}|")
     for mode in args.modes:
         rows = [r for r in results if r["mode"] == mode]
         recals = statistics.median(r["recals"] for r in rows)
-        print(f"| {mode:<7} | {spread([r['mean'] for r in rows]):>18} | {spread([r['drop'] for r in rows]):>18} | "
-              f"{spread([r['final'] for r in rows]):>18} | {recals:>6g} |")
+        print(f"| {mode:<7} | {spread([r['mean'] for r in rows]):>19} | {spread([r['drop'] for r in rows]):>19} | "
+              f"{spread([r['final'] for r in rows]):>19} | {recals:>6g} |")
     print(f"\n{len(jobs)} runs in {time.perf_counter() - started:.0f} s")
 
 
