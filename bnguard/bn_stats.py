@@ -191,6 +191,13 @@ class BNStatsLogger(Hook):
         self._stop_capturing()
         self._publish(state, layers=True, staleness=True)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"overview": self.overview.state_dict()} if self.overview is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.overview is not None and "overview" in state:
+            self.overview.load_state_dict(state["overview"])
+
     def save_staleness(self, path: str | Path) -> Path | None:
         """Writes the layers x recalibrations heatmap as a PNG; None without overview or recalibration."""
         return self.overview.save_staleness(path) if self.overview is not None else None

@@ -53,6 +53,19 @@ class Overview:
     def add_recalibration(self, step: int, report: RecalibrationReport) -> None:
         self.recalibrations.append((step, {layer.name: layer.mean_shift_max for layer in report.recalibrated}))
 
+    # ---- checkpointing: a resumed run draws its charts from the whole history ------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": [dict(row) for row in self.epochs], "layer_steps": list(self.layer_steps),
+                "layer_values": {stat: {layer: list(values) for layer, values in per_layer.items()}
+                                 for stat, per_layer in self.layer_values.items()},
+                "recalibrations": [[step, dict(moved)] for step, moved in self.recalibrations]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs, self.layer_steps = [dict(row) for row in state["epochs"]], list(state["layer_steps"])
+        self.layer_values = {stat: {layer: list(values) for layer, values in per_layer.items()}
+                             for stat, per_layer in state["layer_values"].items()}
+        self.recalibrations = [(step, dict(moved)) for step, moved in state["recalibrations"]]
+
     # ---- drawing -----------------------------------------------------------------------------------------
     def accuracy_chart(self) -> Any:
         """Train, eval and eval with the statistics as trained, per epoch: the two eval lines part where

@@ -147,3 +147,24 @@ def toy_loop(tmp_path, hooks=(), epochs=2, batch_size=4, n_train=24, n_eval=10, 
     kwargs.setdefault("progress", False)
     return bnguard.Loop(model, optimizer, train, eval_loader=evaluation, hooks=hooks, epochs=epochs,
                         output_dir=tmp_path, **kwargs)
+
+
+def parameters_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def without_timings(entries: list[dict]) -> list[dict]:
+    """Records or decisions with the wall-clock entries left out: everything else must match."""
+    timings = ("seconds", "runtime", "per_second")
+    return [{k: v for k, v in entry.items() if not any(t in k for t in timings)} for entry in entries]
+
+
+def reevaluating_hook():
+    """A hook that re-runs evaluation after every evaluation, as a recalibration does."""
+    from bnguard import Hook
+
+    class Reevaluate(Hook):
+        def on_eval_end(self, state):
+            state.evaluate()
+
+    return Reevaluate()

@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

@@ -13,7 +13,7 @@ from torch import nn
 
 from bnguard import AutoRecalibrate, BNStatsLogger, Hook, PreciseBN, TrainingBatches, Verdict, recalibrate
 from bnguard.integrations.lightning import BNGuardCallback
-from helpers import assert_same_tensors, buffers_of
+from helpers import assert_same_tensors, buffers_of, parameters_of, reevaluating_hook, without_timings
 from lightning_setup import Classifier, loaders, memorizing_loaders, trainer
 from wandb_log import history, offline_run_dir
 
@@ -141,11 +141,8 @@ def test_a_resumed_fit_continues_the_hooks_decisions(tmp_path):
     (checkpoint,) = (tmp_path / "part").glob("epoch=1-*.ckpt")
     resumed = run(tmp_path / "part", 4, ckpt_path=str(checkpoint))
 
-    def decisions(callback):
-        return [{k: v for k, v in r.items() if k != "recal_seconds"} for r in callback.records]
-
     assert any(r["diagnosis"] is not None for r in whole.records[2:])  # the resumed half has decisions to agree on
-    assert decisions(resumed) == decisions(whole)
+    assert without_timings(resumed.records) == without_timings(whole.records)
     assert [h["reason"] for h in resumed.hooks[0].history] == [h["reason"] for h in whole.hooks[0].history]
 
 
@@ -157,10 +154,7 @@ def test_two_ddp_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_path):
     assert "could not summarize" not in run.stderr  # the layer table saw the model's own first input
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert_same_tensors(rank0["buffers"], rank1["buffers"])
-    def decisions(history):
-        return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
-
-    assert decisions(rank0["history"]) == decisions(rank1["history"])
+    assert without_timings(rank0["history"]) == without_timings(rank1["history"])
     recalibrated = [r for r in rank0["records"] if r["recalibrated"]]
     assert recalibrated and all(r["recal_samples"] == 64 for r in recalibrated)  # each rank its own 32
     assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1
@@ -195,15 +189,11 @@ def test_a_missing_lightning_names_the_extra():
 
 
 def test_the_hooks_leave_training_bit_identical(tmp_path):
-    class Reevaluate(Hook):  # a re-evaluation after every evaluation, as after every recalibration
-        def on_eval_end(self, state):
-            state.evaluate()
-
     def trained(hooks):
         torch.manual_seed(0)
         model = Classifier(bn_momentum=0.0)
         trainer(tmp_path, [BNGuardCallback(hooks)], epochs=3).fit(model, *loaders())
-        return {name: p.detach().clone() for name, p in model.named_parameters()}
+        return parameters_of(model)
 
-    guarded = trained([BNStatsLogger(every_n_steps=1), AutoRecalibrate(), PreciseBN(), Reevaluate()])
+    guarded = trained([BNStatsLogger(every_n_steps=1), AutoRecalibrate(), PreciseBN(), reevaluating_hook()])
     assert_same_tensors(trained([]), guarded)

@@ -248,6 +248,9 @@ def test_resume_is_bit_identical_with_every_hook_on(tmp_path):
 
     whole = loop(tmp_path / "whole")
     whole.fit()
+    kept = [r["step"] for r in plain_records(tmp_path / "whole") if r["recalibrated"]]
+    assert len(whole.runner.hooks[0].overview.epochs) == 4 and kept
+    assert [step for step, _ in whole.runner.hooks[0].overview.recalibrations] == kept
 
     class Interrupt(Hook):
         def on_epoch_start(self, state):
@@ -261,5 +264,8 @@ def test_resume_is_bit_identical_with_every_hook_on(tmp_path):
     resumed.fit(resume_from="latest")
     assert plain_records(tmp_path / "resumed") == plain_records(tmp_path / "whole")
     assert [r["recal_samples"] > 0 for r in plain_records(tmp_path / "whole")] == [True, False, True, False]
+    overview, uninterrupted = resumed.runner.hooks[0].overview, whole.runner.hooks[0].overview  # its charts' whole history
+    assert overview.epochs == uninterrupted.epochs and overview.layer_values == uninterrupted.layer_values
+    assert [step for step, _ in overview.recalibrations] == [step for step, _ in uninterrupted.recalibrations]
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)

@@ -1,9 +1,7 @@
 """The Hugging Face adapter in real Trainers on CPU: reporting integrations read back, best-model selection,
 checkpoints and resume, torchrun on 2 processes."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ from torch import nn
 
 from bnguard import AutoRecalibrate, BNStatsLogger, Hook, PreciseBN, TrainingBatches, Verdict, recalibrate
 from bnguard.integrations.transformers import STATE_FILE, BNGuardCallback
-from helpers import assert_same_tensors, buffers_of
+from helpers import assert_same_tensors, buffers_of, parameters_of, reevaluating_hook, without_timings
 from hf_setup import ImageDicts, tiny_resnet, trainer
 from wandb_log import history, offline_run_dir
 
@@ -139,12 +137,8 @@ def test_a_resumed_training_continues_the_hooks_decisions(tmp_path):
     assert (tmp_path / "part" / "checkpoint-8" / STATE_FILE).exists()
     resumed = run(tmp_path / "part", [], resume=str(tmp_path / "part" / "checkpoint-8"))
 
-    def decisions(callback):
-        timings = ("seconds", "runtime", "per_second")
-        return [{k: v for k, v in r.items() if not any(t in k for t in timings)} for r in callback.records]
-
     assert any(r["recalibrated"] for r in whole.records)
-    assert decisions(resumed) == decisions(whole)
+    assert without_timings(resumed.records) == without_timings(whole.records)
     assert [h["reason"] for h in resumed.hooks[0].history] == [h["reason"] for h in whole.hooks[0].history]
 
 
@@ -162,10 +156,7 @@ def test_two_torchrun_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_pa
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert_same_tensors(rank0["buffers"], rank1["buffers"])
 
-    def decisions(history):
-        return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
-
-    assert decisions(rank0["history"]) == decisions(rank1["history"])
+    assert without_timings(rank0["history"]) == without_timings(rank1["history"])
     recalibrated = [r for r in rank0["records"] if r["recalibrated"]]
     assert recalibrated and all(r["recal_samples"] == 64 for r in recalibrated)  # each rank its own 32
     assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1
@@ -178,16 +169,12 @@ def test_a_missing_transformers_names_the_extra():
 
 
 def test_the_hooks_leave_training_bit_identical(tmp_path):
-    class Reevaluate(Hook):  # a re-evaluation after every evaluation, as after every recalibration
-        def on_eval_end(self, state):
-            state.evaluate()
-
     def trained(callbacks):
         model = tiny_resnet(bn_momentum=0.0)
         trainer(tmp_path, callbacks, model=model, epochs=3).train()
-        return {name: p.detach().clone() for name, p in model.named_parameters()}
+        return parameters_of(model)
 
-    hooks = [BNStatsLogger(every_n_steps=1), AutoRecalibrate(**LOSS), PreciseBN(), Reevaluate()]
+    hooks = [BNStatsLogger(every_n_steps=1), AutoRecalibrate(**LOSS), PreciseBN(), reevaluating_hook()]
     guarded = trained([BNGuardCallback(hooks)])
     assert_same_tensors(trained([]), guarded)
 
