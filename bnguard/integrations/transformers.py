@@ -94,8 +94,9 @@ class TransformersTrackers(Trackers):
 class BNGuardCallback(transformers.TrainerCallback):
     """Runs bnguard ``hooks`` (:class:`~bnguard.BNStatsLogger`, :class:`~bnguard.AutoRecalibrate`,
     :class:`~bnguard.PreciseBN`, your own :class:`~bnguard.Hook`) in a Hugging Face ``Trainer``; the module
-    docstring maps the events. Without ``hooks``: a ``BNStatsLogger`` and an ``AutoRecalibrate`` watching
-    ``eval_loss`` against the training loss (the Trainer computes no train accuracy).
+    docstring maps the events. Without ``hooks``: a ``BNStatsLogger`` (its overview chart drawn from the loss)
+    and an ``AutoRecalibrate`` watching ``eval_loss`` against the training loss (the Trainer computes no
+    train accuracy).
 
     Metric names are the Trainer's: ``eval_loss`` and whatever ``compute_metrics`` returns (``eval_<name>``);
     ``train_loss`` is the mean of the training losses the Trainer logged since the previous evaluation. So
