@@ -168,3 +168,14 @@ def reevaluating_hook():
             state.evaluate()
 
     return Reevaluate()
+
+
+def assert_two_ranks_agree(out, samples: int) -> None:
+    """What a 2-process framework run left in ``out`` (rank0.pt, rank1.pt, the W&B folder): bit-identical
+    buffers, the same decisions, every recalibration pooling ``samples`` over both ranks, one W&B run."""
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert_same_tensors(rank0["buffers"], rank1["buffers"])
+    assert without_timings(rank0["history"]) == without_timings(rank1["history"])
+    recalibrated = [r for r in rank0["records"] if r["recalibrated"]]
+    assert recalibrated and all(r["recal_samples"] == samples for r in recalibrated)
+    assert len(list(out.glob("wandb/offline-run-*"))) == 1

@@ -13,7 +13,8 @@ from torch import nn
 
 from bnguard import AutoRecalibrate, BNStatsLogger, Hook, PreciseBN, TrainingBatches, Verdict, recalibrate
 from bnguard.integrations.lightning import BNGuardCallback
-from helpers import assert_same_tensors, buffers_of, parameters_of, reevaluating_hook, without_timings
+from helpers import (assert_same_tensors, assert_two_ranks_agree, buffers_of, parameters_of, reevaluating_hook,
+                     without_timings)
 from lightning_setup import Classifier, loaders, memorizing_loaders, trainer
 from wandb_log import history, offline_run_dir
 
@@ -152,12 +153,7 @@ def test_two_ddp_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "could not summarize" not in run.stderr  # the layer table saw the model's own first input
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert_same_tensors(rank0["buffers"], rank1["buffers"])
-    assert without_timings(rank0["history"]) == without_timings(rank1["history"])
-    recalibrated = [r for r in rank0["records"] if r["recalibrated"]]
-    assert recalibrated and all(r["recal_samples"] == 64 for r in recalibrated)  # each rank its own 32
-    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1
+    assert_two_ranks_agree(tmp_path, samples=64)  # each rank recalibrates on its own 32
 
 
 def test_several_training_loaders_need_a_recalibration_loader(tmp_path):

@@ -15,7 +15,8 @@ from torch import nn
 
 from bnguard import AutoRecalibrate, BNStatsLogger, Hook, PreciseBN, TrainingBatches, Verdict, recalibrate
 from bnguard.integrations.transformers import STATE_FILE, BNGuardCallback
-from helpers import assert_same_tensors, buffers_of, parameters_of, reevaluating_hook, without_timings
+from helpers import (assert_same_tensors, assert_two_ranks_agree, buffers_of, parameters_of, reevaluating_hook,
+                     without_timings)
 from hf_setup import ImageDicts, tiny_resnet, trainer
 from wandb_log import history, offline_run_dir
 
@@ -153,13 +154,7 @@ def test_two_torchrun_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_pa
     script = Path(__file__).with_name("hf_two_processes.py")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
     subprocess.run(torchrun, check=True, cwd=script.parent, timeout=300, env={**os.environ, "WANDB_DIR": str(tmp_path)})
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert_same_tensors(rank0["buffers"], rank1["buffers"])
-
-    assert without_timings(rank0["history"]) == without_timings(rank1["history"])
-    recalibrated = [r for r in rank0["records"] if r["recalibrated"]]
-    assert recalibrated and all(r["recal_samples"] == 64 for r in recalibrated)  # each rank its own 32
-    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1
+    assert_two_ranks_agree(tmp_path, samples=64)  # each rank recalibrates on its own 32
 
 
 def test_a_missing_transformers_names_the_extra():
