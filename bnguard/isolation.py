@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,19 +17,51 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
 
 
+RandomStates = tuple  # torch CPU, Python, NumPy, and CUDA's when CUDA is in use (else None)
+
+
+def random_states() -> RandomStates:
+    """The global random states: torch (CPU, and CUDA once initialized), Python and NumPy."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), random.getstate(), np.random.get_state(), cuda
+
+
+def set_random_states(states: RandomStates) -> None:
+    torch.set_rng_state(states[0])
+    random.setstate(states[1])
+    np.random.set_state(states[2])
+    if states[3] is not None:
+        torch.cuda.set_rng_state_all(states[3])
+
+
 @contextmanager
 def preserved_rng() -> Iterator[None]:
     """Restores the torch (CPU and CUDA), Python and NumPy global random states on exit."""
-    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    states = random_states()
     try:
         yield
     finally:
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        set_random_states(states)
+
+
+def isolated_iteration(make: Callable[[], Iterable[Any]]) -> Iterator[Any]:
+    """Iterates ``make()`` (called at the first item) on a random stream of its own, which starts where the
+    caller's stands: shuffles and augmentations inside draw as usual, and the caller's global random states
+    are left exactly as they were between items, wherever the iteration happens."""
+    own: RandomStates | None = None
+    iterator: Iterator[Any] | None = None
+    while True:
+        with preserved_rng():
+            if own is not None:
+                set_random_states(own)
+            try:
+                iterator = iterator if iterator is not None else iter(make())
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                own = random_states()
+        yield item
 
 
 @contextmanager

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch import nn
 
 from .events import Event
+from .isolation import isolated_iteration, preserved_rng
 from .layers import unwrap_model
 from .report import RecalibrationReport
 from .tracking import Trackers
@@ -88,16 +89,26 @@ class State:
             self.trackers.log(values, self.step)
 
     def evaluate(self) -> dict[str, float]:
-        """Re-runs evaluation (eval mode) and returns its metrics; fires no event."""
+        """Re-runs evaluation (eval mode) and returns its metrics; fires no event. The global random states
+        and the modes of the model's modules are restored afterwards: an evaluate function that builds a
+        loader iterator draws from the global stream, and the run must train on the same batches and dropout
+        masks whether or not a hook re-evaluated."""
         if self._evaluate is None:
             raise RuntimeError("this loop gave its hooks no evaluate function: pass evaluate= to bnguard.HookRunner")
-        return self._evaluate()
+        modes = [(module, module.training) for module in self.model.modules()] if self.model is not None else []
+        try:
+            with preserved_rng():
+                return self._evaluate()
+        finally:
+            for module, training in modes:
+                module.training = training
 
-    def train_batches(self) -> Iterable[Any]:
-        """Training batches for recalibration, drawn without disturbing the training data order or RNG."""
+    def train_batches(self) -> Iterator[Any]:
+        """Training batches for recalibration, drawn on a random stream of their own: the training data order
+        and the global random states are left as they were."""
         if self._train_batches is None:
             raise RuntimeError(f"this loop gave its hooks no training batches: {NO_TRAIN_BATCHES}")
-        return self._train_batches()
+        return isolated_iteration(self._train_batches)
 
     def recalibrated(self, report: RecalibrationReport) -> None:
         """Announces new running statistics: sets ``recalibration`` and fires RECALIBRATED to every hook."""

@@ -5,7 +5,7 @@ import torch
 
 import bnguard
 from bnguard import Event, Hook
-from helpers import toy_loop
+from helpers import assert_same_tensors, parameters_of, reevaluating_hook, toy_loop
 
 
 class Recorder(Hook):
@@ -269,3 +269,11 @@ def test_resume_is_bit_identical_with_every_hook_on(tmp_path):
     assert [step for step, _ in overview.recalibrations] == [step for step, _ in uninterrupted.recalibrations]
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_hooks_reevaluation_leaves_training_with_dropout_bit_identical(tmp_path):
+    bare = toy_loop(tmp_path / "bare", epochs=3, dropout=0.5)
+    bare.fit()
+    guarded = toy_loop(tmp_path / "guarded", hooks=[reevaluating_hook()], epochs=3, dropout=0.5)
+    guarded.fit()
+    assert_same_tensors(parameters_of(bare.model), parameters_of(guarded.model))
