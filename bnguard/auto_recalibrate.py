@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .console import WarnOnce
-from .frozen import FrozenDuringTraining, Target, recalibration_target
+from .frozen import FrozenDuringTraining, Target, nothing_recalibrated, recalibration_target
 from .hooks import Hook
 from .isolation import restore_statistics, saved_statistics
 from .layers import has_running_statistics
@@ -113,6 +113,12 @@ class AutoRecalibrate(Hook):
         previous = saved_statistics(model)
         report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator,
                              include_frozen=self.include_frozen, progress=False, **how)
+        why_not = nothing_recalibrated(report)
+        if why_not is not None:  # the statistics are as they were: nothing to re-evaluate or judge
+            self._warn_once("nothing", f"AutoRecalibrate recalibrated nothing in {type(model).__name__}: "
+                            f"{why_not}; include_frozen=True recalibrates frozen layers too")
+            return decision.noted(f"nothing recalibrated: {why_not}", wants_recalibration=False,
+                                  seconds=time.perf_counter() - started)
         result = evaluate()
         metrics = dict(result) if isinstance(result, Mapping) else {f"eval_{self.monitor}": float(result)}
         judged = self.policy.judge_recalibration(decision, metrics[f"eval_{self.monitor}"],
@@ -125,7 +131,8 @@ class AutoRecalibrate(Hook):
     # ---- the hook ----------------------------------------------------------------------------------
     def on_fit_start(self, state: State) -> None:
         if not state.has_evaluation:
-            raise ValueError("AutoRecalibrate needs evaluation: give the loop an eval_loader")
+            raise ValueError("AutoRecalibrate needs evaluation: give bnguard.Loop an eval_loader, or bnguard.Guard / "
+                             "HookRunner an evaluate= function")
         if not state.has_train_batches and not self.report_only:
             raise ValueError(f"AutoRecalibrate needs training batches to recalibrate on: {NO_TRAIN_BATCHES}")
 

@@ -3,12 +3,14 @@ layers training leaves alone, so that recalibration leaves them alone too."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import frozen_layers
+from .layers import batchnorm_layers, frozen_layers, unwrap_model
+from .report import RecalibrationReport
 from .state import State
 
 
@@ -31,10 +33,39 @@ Target = nn.Module | Callable[[], nn.Module] | None
 
 
 def recalibration_target(target: Target, state: State, frozen: FrozenDuringTraining
-                         ) -> tuple[nn.Module, list[_BatchNorm] | None]:
+                         ) -> tuple[nn.Module, list[_BatchNorm]]:
     """The model to recalibrate, and the layers to leave alone in it: the training model with the layers
     that were not updating, or ``target`` (a model, or a callable giving it, e.g. an EMA or
-    ``AveragedModel`` copy) with recalibration's own rule, since its layers are not the trained ones."""
+    ``AveragedModel`` copy) with its layers that match those. The target's own modes say nothing: an EMA
+    wrapper may keep its copy in eval mode for good (timm's ``ModelEmaV3``)."""
+    trained = frozen.layers
+    if trained is None:  # no training step seen yet: the trained model's modes now
+        trained = frozen_layers(state.model) if unwrap_model(state.model).training else []
     if target is None:
-        return state.model, frozen.layers
-    return (target() if callable(target) and not isinstance(target, nn.Module) else target), None
+        return state.model, trained
+    model = target() if callable(target) and not isinstance(target, nn.Module) else target
+    return model, matching_layers(trained, state.model, model)
+
+
+def matching_layers(layers: list[_BatchNorm], model: nn.Module, other: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``other`` that correspond to ``layers`` of ``model``: by position when both
+    have as many, else by name (``other``'s name equal to, or ending in, the trained layer's)."""
+    if other is model:
+        return list(layers)
+    ours, theirs = list(batchnorm_layers(model)), list(batchnorm_layers(other))
+    chosen = {id(layer) for layer in layers}
+    if len(ours) == len(theirs):
+        return [their for (_, our), (_, their) in zip(ours, theirs) if id(our) in chosen]
+    names = [name for name, layer in ours if id(layer) in chosen]
+    return [layer for their_name, layer in theirs
+            if any(their_name == name or their_name.endswith("." + name) for name in names)]
+
+
+def nothing_recalibrated(report: RecalibrationReport) -> str | None:
+    """Why a recalibration changed no layer at all (every one skipped, with the reasons and counts), or None
+    when it changed one."""
+    if report.recalibrated or not report.layers:
+        return None
+    reasons = Counter(layer.skipped for layer in report.layers)
+    return f"all {len(report.layers)} BatchNorm layers skipped (" + "; ".join(
+        f"{count} {reason}" for reason, count in reasons.items()) + ")"

@@ -95,12 +95,12 @@ class Overview:
         """Layers x recalibrations, coloured by how far each recalibration moved each layer's mean (largest
         channel shift, in units of the new standard deviation); None before the first recalibration. A plain
         matplotlib ``Figure``: no pyplot, so the user's backend is left alone."""
-        if not self.recalibrations:
+        layers = list(dict.fromkeys(name for _, moved in self.recalibrations for name in moved))
+        if not layers:  # no recalibration yet, or none that moved a layer (every layer skipped)
             return None
         import numpy as np
         from matplotlib.figure import Figure
 
-        layers = list(dict.fromkeys(name for _, moved in self.recalibrations for name in moved))
         grid = np.array([[moved.get(name, np.nan) for _, moved in self.recalibrations] for name in layers])
         figure = Figure(figsize=(min(4 + 0.45 * grid.shape[1], 14), 1.5 + 0.25 * len(layers)), dpi=100)
         axes = figure.subplots()

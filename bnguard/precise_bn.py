@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .console import WarnOnce
-from .frozen import FrozenDuringTraining, Target, recalibration_target
+from .frozen import FrozenDuringTraining, Target, nothing_recalibrated, recalibration_target
 from .hooks import Hook
 from .recalibration import recalibrate
 from .records import RecordKeys
@@ -56,8 +56,14 @@ class PreciseBN(Hook):
                              accelerator=state.accelerator, frozen=frozen, forward=state.forward,
                              include_frozen=self.include_frozen, progress=False)
         seconds = time.perf_counter() - started
-        self._outcome = {RecordKeys.RECALIBRATED: True, RecordKeys.SECONDS: seconds,
-                         RecordKeys.SAMPLES: report.samples, RecordKeys.REASON: self._schedule()}
+        why_not = nothing_recalibrated(report)
+        self._outcome = {RecordKeys.RECALIBRATED: why_not is None, RecordKeys.SECONDS: seconds,
+                         RecordKeys.SAMPLES: report.samples if why_not is None else 0,
+                         RecordKeys.REASON: self._schedule() if why_not is None else f"nothing recalibrated: {why_not}"}
+        if why_not is not None:
+            self._warn_once("nothing", f"PreciseBN recalibrated nothing in {type(model).__name__}: {why_not}; "
+                            "include_frozen=True recalibrates frozen layers too")
+            return
         state.recalibrated(report)
 
     def on_eval_end(self, state: State) -> None:
