@@ -213,7 +213,7 @@ def _run_config(loop: Loop) -> dict[str, Any]:
 
 def _train_metrics(sums: MetricSums, metric_name: str, accelerator: Accelerator, epoch: int) -> dict[str, float]:
     """The train metrics so far, checked where logging already synchronizes: a NaN/Inf loss stops the run."""
-    train_metrics = sums.compute("train", metric_name, accelerator)
+    train_metrics = sums.compute("train", metric_name, accelerator.num_processes)
     if math.isfinite(train_metrics["train_loss"]):
         return train_metrics
     step = sums.first_nonfinite_step()

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .distributed import sum_over_processes
+
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -29,32 +31,50 @@ class MetricSums:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.score = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
+        self.has_loss = self.has_score = False
         self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def add(self, mean_loss: torch.Tensor, scores: torch.Tensor, step: int | None = None) -> None:
-        count = scores.numel()
-        self.loss += mean_loss.detach() * count
-        self.score += scores.detach().sum()
+    def add(self, mean_loss: torch.Tensor | float | None, scores: torch.Tensor | None, step: int | None = None,
+            count: int | None = None) -> None:
+        """One batch: its mean loss and per-sample scores, either one left out (None); ``count`` samples
+        when there are no scores to count."""
+        count = scores.numel() if scores is not None else count if count is not None else 1
+        if mean_loss is not None:
+            mean_loss = torch.as_tensor(mean_loss).detach()
+            self.loss += mean_loss * count
+            self.has_loss = True
+            if step is not None:
+                bad = (self._first_bad < 0) & ~torch.isfinite(mean_loss).to(self._first_bad.device)
+                self._first_bad = torch.where(bad, step, self._first_bad)
+        if scores is not None:
+            self.score += scores.detach().sum()
+            self.has_score = True
         self.count += count
-        if step is not None:
-            bad = (self._first_bad < 0) & ~torch.isfinite(mean_loss.detach())
-            self._first_bad = torch.where(bad, step, self._first_bad)
 
     def first_nonfinite_step(self) -> int | None:
         """The first step added with a NaN/Inf loss on this process, if any (synchronizes: for errors only)."""
         step = int(self._first_bad.item())
         return step if step >= 0 else None
 
-    def compute(self, prefix: str, metric_name: str, accelerator: Any = None) -> dict[str, float]:
-        """``{prefix_loss, prefix_<metric_name>}`` over all samples; sums over processes when given one."""
+    def compute(self, prefix: str, metric_name: str, world_size: int = 1) -> dict[str, float]:
+        """``{prefix_loss, prefix_<metric_name>}`` over all samples (those that were added), summed over
+        ``world_size`` processes (each must call it)."""
         count = torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device)
-        sums = torch.stack([self.loss, self.score, count])
-        if accelerator is not None and accelerator.num_processes > 1:
-            sums = accelerator.reduce(sums, reduction="sum")
-        loss, score, count = sums.tolist()
+        loss, score, count = sum_over_processes(torch.stack([self.loss, self.score, count]), world_size).tolist()
         if count == 0:  # a mean over nothing is no metric: 0.0 here would read as a real score
             raise ValueError(f"no {prefix} sample was seen: the {prefix} data yielded no batch on any process")
-        return {f"{prefix}_loss": loss / count, f"{prefix}_{metric_name}": score / count}
+        return {**({f"{prefix}_loss": loss / count} if self.has_loss else {}),
+                **({f"{prefix}_{metric_name}": score / count} if self.has_score else {})}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums as plain numbers (synchronizes), for a checkpoint taken mid-epoch."""
+        return {"loss": self.loss.item(), "score": self.score.item(), "count": self.count,
+                "has_loss": self.has_loss, "has_score": self.has_score}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.fill_(state["loss"])
+        self.score.fill_(state["score"])
+        self.count, self.has_loss, self.has_score = state["count"], state["has_loss"], state["has_score"]
 
 
 def batch_targets(batch: Any) -> torch.Tensor:
@@ -68,7 +88,9 @@ def batch_targets(batch: Any) -> torch.Tensor:
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
-    """A model's scores: the outputs themselves, or their ``logits`` (Hugging Face style outputs)."""
+    """A model's scores: the outputs themselves, or their ``logits`` (Hugging Face style outputs, or a dict)."""
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
     return outputs.logits if hasattr(outputs, "logits") else outputs
 
 

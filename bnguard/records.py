@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -78,4 +79,15 @@ def _json_safe(value: Any) -> Any:
         return {key: _json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(item) for item in value]
+    return value
+
+
+def plain(value: Any) -> Any:
+    """``value`` with string enums (``bnguard.Verdict``) as their strings, in nested dicts, lists and tuples."""
+    if isinstance(value, Enum) and isinstance(value, str):
+        return value.value
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item) for item in value)
     return value

@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .distributed import process_info
+
 TRACKER_CHOICES = ("wandb", "tensorboard", "all", "none")
 
 
@@ -107,7 +109,10 @@ class Trackers:
 
     @property
     def is_main_process(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
+        """The accelerator's main process; without one, rank 0 of the default process group (if any)."""
+        if self.accelerator is None:
+            return process_info()[0] == 0
+        return self.accelerator.is_main_process
 
     def log(self, values: dict[str, Any], step: int) -> None:
         """Scalars to every tracker, at ``step``."""

@@ -3,13 +3,13 @@ put into the framework's checkpoints."""
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 
 import torch
 
 from ..distributed import process_info, sum_over_processes
 from ..hooks import HookRunner
+from ..records import plain
 
 
 def missing_extra(framework: str, extra: str) -> ImportError:
@@ -56,14 +56,3 @@ def hook_state(runner: HookRunner, batches: Any, records: list[dict[str, Any]]) 
     checkpoints with ``torch.load(weights_only=True)``, which refuses any other class."""
     return plain({"hooks": runner.state_dict(), "batches": batches.state_dict() if batches is not None else None,
                   "records": list(records)})
-
-
-def plain(value: Any) -> Any:
-    """``value`` with string enums (``bnguard.Verdict``) as their strings, in nested dicts, lists and tuples."""
-    if isinstance(value, Enum) and isinstance(value, str):
-        return value.value
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(item) for item in value)
-    return value
