@@ -4,6 +4,7 @@ from .auto_recalibrate import AutoRecalibrate
 from .batches import TrainingBatches, default_forward
 from .bn_stats import BNStatsLogger, bn_statistics, log_bn_stats
 from .events import Event
+from .guard import Guard
 from .hooks import Hook, HookError, HookRunner
 from .loop import Loop
 from .metrics import NonFiniteLossError, accuracy
@@ -25,6 +26,7 @@ __all__ = [
     "Decision",
     "DivergencePolicy",
     "Event",
+    "Guard",
     "Hook",
     "HookError",
     "HookRunner",

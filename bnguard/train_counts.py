@@ -1,0 +1,54 @@
+"""Train loss and metric counted from what a hand-written loop already has: each step's outputs and targets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .batches import batch_size
+from .distributed import process_info
+from .metrics import Metric, MetricSums, batch_targets, logits_of
+
+
+class TrainCounts:
+    """``train_loss`` and ``train_<metric_name>`` since the last :meth:`reset`, kept on the device (adding
+    never synchronizes) and summed over processes (the accelerator's, else the default process group's)."""
+
+    def __init__(self, metric: Metric | None, metric_name: str, device: torch.device, accelerator: Any = None):
+        self.metric, self.metric_name, self.accelerator = metric, metric_name, accelerator
+        self.sums = MetricSums(device)
+
+    def add(self, outputs: Any, targets: torch.Tensor | None, loss: Any, batch: Any, step: int) -> None:
+        """One batch: ``loss`` (else ``outputs.loss`` / ``outputs["loss"]``), and ``metric`` of the outputs'
+        logits against ``targets`` (else the ``batch``'s)."""
+        if targets is None and batch is not None:
+            targets = batch_targets(batch)
+        if loss is None:
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+        scores = None
+        if self.metric is not None and outputs is not None and targets is not None:
+            logits = logits_of(outputs).detach()
+            scores = self.metric(logits, targets.to(logits.device))
+        count = batch_size(targets if targets is not None else batch, required=False) or 1
+        self.sums.add(loss, scores, step=step, count=count)
+
+    def metrics(self) -> dict[str, float]:
+        """The means so far, over every process (each must call it); {} before any batch."""
+        world_size = process_info(self.accelerator)[1]
+        if world_size == 1 and self.sums.count == 0:
+            return {}
+        try:
+            return self.sums.compute("train", self.metric_name, world_size)
+        except ValueError:  # no process has counted a sample yet
+            return {}
+
+    def reset(self) -> None:
+        self.sums = MetricSums(self.sums.loss.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sums.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums.load_state_dict(state)
