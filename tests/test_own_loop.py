@@ -78,7 +78,7 @@ def test_state_says_what_the_loop_gave_it():
     assert not bare.has_evaluation and not bare.has_train_batches
     given = bnguard.HookRunner([], evaluate=lambda: {"eval_acc": 0.5}, train_batches=lambda: [[1]]).state
     assert given.has_evaluation and given.has_train_batches
-    assert given.evaluate() == {"eval_acc": 0.5} and given.train_batches() == [[1]]
+    assert given.evaluate() == {"eval_acc": 0.5} and list(given.train_batches()) == [[1]]
     with pytest.raises(AttributeError, match="no field 'evaluate' to update"):
         bnguard.HookRunner([]).fire(Event.STEP_END, evaluate=None)
 
@@ -91,28 +91,13 @@ def test_state_checkpoints_where_the_run_is():
     assert (restored.epoch, restored.step) == (3, 120)
 
 
-def readme_snippet() -> str:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    marker = "<!-- own-loop snippet: run on 2 processes by tests/test_own_loop.py -->"
-    block = readme.split(marker, 1)[1]
-    return block.split("```python\n", 1)[1].split("```", 1)[0]
+def test_own_loop_example_resumes_from_its_checkpoint_as_if_never_interrupted(tmp_path, capsys):
+    from own_loop import main
 
-
-def _run_readme_snippet(out_dir: str):
-    import torch
-
-    namespace: dict = {}
-    exec(compile(readme_snippet(), "README.md own-loop snippet", "exec"), namespace)  # noqa: S102 - our README
-    runner, accelerator = namespace["runner"], namespace["accelerator"]
-    torch.save({"record": runner.state.record, "history": runner.hooks[1].history},
-               f"{out_dir}/snippet{accelerator.process_index}.pt")
-
-
-def test_the_readme_own_loop_snippet_runs_as_written_on_two_processes(tmp_path):
-    import torch
-
-    launch_two_processes(_run_readme_snippet, str(tmp_path))
-    rank0, rank1 = (torch.load(tmp_path / f"snippet{r}.pt", weights_only=False) for r in (0, 1))
-    assert len(rank0["history"]) == 3  # one decision per epoch, the same on both ranks
-    assert rank0["history"] == [{**d, "seconds": a["seconds"]} for d, a in zip(rank1["history"], rank0["history"])]
-    assert rank0["record"]["reason"] == rank1["record"]["reason"]
+    whole = main(["--epochs", "3", "--limit-batches", "4", "--tracker", "none", "--output-dir", str(tmp_path / "a")])
+    main(["--epochs", "2", "--limit-batches", "4", "--tracker", "none", "--output-dir", str(tmp_path / "b")])
+    capsys.readouterr()
+    resumed = main(["--epochs", "3", "--limit-batches", "4", "--tracker", "none", "--output-dir",
+                    str(tmp_path / "b"), "--resume"])
+    assert resumed == whole
+    assert re.findall(r"epoch (\d):", capsys.readouterr().out) == ["3"]
