@@ -64,25 +64,41 @@ def isolated_iteration(make: Callable[[], Iterable[Any]]) -> Iterator[Any]:
         yield item
 
 
+_DEFERRED: list[list[int]] = []  # the Ctrl-Cs held back by each active interrupts_deferred(), innermost last
+
+
 @contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Holds Ctrl-C (SIGINT) back until the block is over, then raises it: a restore or a write cut half-way
-    would leave a model half-changed. Signal handlers belong to the main thread; elsewhere the block runs
-    as is."""
-    if threading.current_thread() is not threading.main_thread():
+    would leave a model half-changed. Inside, :func:`raise_if_interrupted` raises it early where stopping is
+    clean (between batches). Enter it before the ``try`` whose ``finally`` restores, so that no Ctrl-C can
+    land between the two. Signal handlers belong to the main thread, and a process that ignores SIGINT has
+    nothing to defer: there the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     received: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    _DEFERRED.append(received)
     try:
         yield
     finally:
+        del _DEFERRED[next(i for i, held in enumerate(_DEFERRED) if held is received)]  # by identity
         signal.signal(signal.SIGINT, previous)
-        if received and previous is not signal.SIG_IGN:
+        if received:
             if callable(previous):
                 previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
             else:
                 raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raises a Ctrl-C that an enclosing :func:`interrupts_deferred` is holding back, now: for loops whose
+    iterations can stop cleanly, so that a long recalibration still stops between batches."""
+    for received in _DEFERRED:
+        if received:
+            received.clear()
+            raise KeyboardInterrupt
 
 
 @contextmanager
@@ -94,12 +110,12 @@ def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm], *,
 
     On exit, whatever happens: the original buffer tensors are back in place, untouched, and every module's
     mode and the global random states are as before (dropout inside draws from the same stream as it would
-    have without the passes).
+    have without the passes). A Ctrl-C inside waits for :func:`raise_if_interrupted` or the end of the block.
     """
     modes = [(module, module.training) for module in model.modules()]
     saved = {layer: dict(layer._buffers) for _, layer in batchnorm_layers(model)
              if tracks_statistics(layer) and not is_uninitialized(layer)}
-    with preserved_rng():
+    with interrupts_deferred(), preserved_rng():
         try:
             for layer, buffers in saved.items():
                 layer._buffers.update({k: v.clone() if v is not None else None for k, v in buffers.items()})
@@ -110,11 +126,10 @@ def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm], *,
                 layer.training = True
             yield
         finally:
-            with interrupts_deferred():
-                for layer, buffers in saved.items():
-                    layer._buffers.update(buffers)
-                for module, training in modes:
-                    module.training = training
+            for layer, buffers in saved.items():
+                layer._buffers.update(buffers)
+            for module, training in modes:
+                module.training = training
 
 
 def saved_statistics(model: nn.Module) -> dict[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batches import batch_size, default_forward, to_device
 from .distributed import process_info, sum_over_processes
-from .isolation import batchnorm_in_train_mode
+from .isolation import batchnorm_in_train_mode, raise_if_interrupted
 from .layers import batchnorm_layers, tracks_statistics, unwrap_model
 
 Score = Callable[[Any, Any], torch.Tensor]
@@ -40,6 +40,7 @@ def probe(model: nn.Module, batches: Iterable[Any], score: Score, *, num_samples
             with _batch_statistics(layers):
                 train_mode = score(forward(model, batch), batch).double().sum()
             sums += torch.stack([eval_mode, train_mode, torch.tensor(float(batch_size(batch, True)), device=device)])
+            raise_if_interrupted()
             if sums[2] >= share:
                 break
     eval_sum, train_sum, count = sum_over_processes(sums, world_size).tolist()

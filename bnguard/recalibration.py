@@ -19,7 +19,7 @@ from .accumulator import LayerAccumulator, LayerTotals, merge_processes
 from .batches import batch_size, default_forward, to_device
 from .console import show_progress
 from .distributed import process_info, split_budget
-from .isolation import batchnorm_in_train_mode, interrupts_deferred
+from .isolation import batchnorm_in_train_mode, interrupts_deferred, raise_if_interrupted
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
 from .report import LayerReport, RecalibrationReport
 from .validation import positive_int
@@ -167,7 +167,8 @@ def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator], 
     momenta = {layer: layer.momentum for layer in accumulators}
     own_forward = {layer: layer.__dict__.get("forward") for layer in accumulators}
     handles = []
-    with batchnorm_in_train_mode(model, accumulators, others_eval=not keep_modes):
+    # Deferred before the try: a layer left at momentum 1 with its pre-hook would corrupt training.
+    with batchnorm_in_train_mode(model, accumulators, others_eval=not keep_modes), interrupts_deferred():
         try:
             for layer, accumulator in accumulators.items():
                 layer.momentum = 1.0
@@ -177,16 +178,15 @@ def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator], 
                 handles.append(layer.register_forward_pre_hook(accumulator.before_call, with_kwargs=True))
             yield
         finally:
-            with interrupts_deferred():  # a layer left at momentum 1 with its pre-hook would corrupt training
-                for handle in handles:
-                    handle.remove()
-                for layer, momentum in momenta.items():
-                    layer.momentum = momentum
-                for layer, method in own_forward.items():
-                    if method is None:
-                        layer.__dict__.pop("forward", None)
-                    else:
-                        layer.forward = method
+            for handle in handles:
+                handle.remove()
+            for layer, momentum in momenta.items():
+                layer.momentum = momentum
+            for layer, method in own_forward.items():
+                if method is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.forward = method
 
 
 def _run_passes(
@@ -207,6 +207,7 @@ def _run_passes(
         except StopIteration:
             break
         forward(model, batch)
+        raise_if_interrupted()  # a Ctrl-C held back during the pass stops here, everything restored
         seen_batches += 1
         seen_samples += batch_size(batch, required=sample_budget is not None)
         bar.update()

@@ -403,7 +403,18 @@ def _interrupt_on_call(monkeypatch, owner, name, nth=1):
     return calls
 
 
-def test_ctrl_c_during_the_cleanup_of_the_passes_still_restores_every_layer(monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt), whatever the test process was started with: a
+    background or nohup run starts with SIGINT ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_the_cleanup_of_the_passes_still_restores_every_layer(monkeypatch, ctrl_c_raises):
     model = tiny_resnet().train()
     before = buffers_of(model)
     momenta = [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -418,7 +429,7 @@ def test_ctrl_c_during_the_cleanup_of_the_passes_still_restores_every_layer(monk
     assert_same_tensors(before, buffers_of(model))
 
 
-def test_ctrl_c_while_writing_the_statistics_writes_all_layers_or_none(monkeypatch):
+def test_ctrl_c_while_writing_the_statistics_writes_all_layers_or_none(monkeypatch, ctrl_c_raises):
     model = tiny_resnet()
     batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
     expected = copy.deepcopy(model)
@@ -481,3 +492,61 @@ def test_a_batch_of_one_is_left_out_where_batchnorm_cannot_normalize_it():
     assert [(layer.batches, layer.one_value_batches) for layer in report.layers] == [(2, 1), (2, 1)]
     assert "1 one-value batches left out" in str(report) and report.batches == 3
     assert all(layer.training for layer in model.modules())
+
+
+def _lines_of(function):
+    import inspect
+
+    source, first = inspect.getsourcelines(inspect.unwrap(function))
+    return function.__code__ if not hasattr(function, "__wrapped__") else function.__wrapped__.__code__, \
+        range(first, first + len(source))
+
+
+@pytest.mark.parametrize("where", ["bnguard.recalibration._passes", "bnguard.isolation.batchnorm_in_train_mode",
+                                   "bnguard.isolation.interrupts_deferred"])
+def test_a_ctrl_c_on_any_line_of_the_passes_setup_or_cleanup_leaves_the_model_as_it_was(where, ctrl_c_raises):
+    import importlib
+    import signal
+    import sys
+
+    module, name = where.rsplit(".", 1)
+    code, lines = _lines_of(getattr(importlib.import_module(module), name))
+    model = tiny_resnet().train()
+    batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    before, expected = buffers_of(model), copy.deepcopy(model)
+    bnguard.recalibrate(expected, batches, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in layers]
+    interrupted_at = []
+    for line in lines:
+        fired = []
+
+        def tracer(frame, event, arg, line=line):
+            if frame.f_code is not code:
+                return None
+
+            def on_line(frame, event, arg):
+                if event == "line" and frame.f_lineno == line and not fired:
+                    fired.append(line)
+                    signal.raise_signal(signal.SIGINT)
+                return on_line
+            return on_line
+
+        rng = torch.get_rng_state()
+        sys.settrace(tracer)
+        try:
+            bnguard.recalibrate(model, batches, progress=False)
+        except KeyboardInterrupt:
+            interrupted_at.append(line)
+            assert_same_tensors(before, buffers_of(model))  # interrupted: nothing written
+        else:
+            assert_same_tensors(buffers_of(expected), buffers_of(model))
+        finally:
+            sys.settrace(None)
+        assert [m.momentum for m in layers] == momenta, f"Ctrl-C at line {line}"
+        assert all(not m._forward_pre_hooks and "forward" not in vars(m) for m in layers), f"line {line}"
+        assert all(m.training for m in model.modules()), f"Ctrl-C at line {line}"
+        assert torch.equal(torch.get_rng_state(), rng) and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        for name_, buffer in before.items():  # the next round starts from the old statistics again
+            model.get_buffer(name_).copy_(buffer)
+    assert interrupted_at  # the signals did land
