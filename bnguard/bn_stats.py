@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .console import WarnOnce
 from .hooks import Hook
 from .isolation import batchnorm_in_train_mode
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
@@ -145,6 +146,7 @@ class BNStatsLogger(Hook):
         self._logged_step: int | None = None
         self._capture: Any = None
         self._first_input: tuple[tuple, dict] | None = None
+        self._warn_once = WarnOnce()
 
     def on_fit_start(self, state: State) -> None:
         if not state.is_main_process:
@@ -171,9 +173,15 @@ class BNStatsLogger(Hook):
         self._publish(state, layers=True)
 
     def on_epoch_end(self, state: State) -> None:
-        if self.overview is not None and state.is_main_process and self.overview.add_epoch(
-                state.epoch + 1, state.train_metrics, state.eval_metrics, state.record):
+        if self.overview is None or not state.is_main_process:
+            return
+        if self.overview.add_epoch(state.epoch + 1, state.train_metrics, state.eval_metrics, state.record):
             self._publish(state, accuracy=True)
+        elif state.eval_metrics:
+            metric = self.overview.metric
+            self._warn_once("no metric", f"BNStatsLogger(overview_metric={metric!r}): the evaluation gives no "
+                            f"eval_{metric} (it gives {sorted(state.eval_metrics)}), so the at-a-glance accuracy chart "
+                            "stays empty: pass overview_metric= the name of one of those, without 'eval_'")
 
     def on_recalibrated(self, state: State) -> None:
         values = {}

@@ -49,3 +49,18 @@ def has_running_statistics(model: nn.Module) -> bool:
 def frozen_layers(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers whose running statistics are not updating now: eval mode or no tracking."""
     return [layer for _, layer in batchnorm_layers(model) if not (layer.training and tracks_statistics(layer))]
+
+
+def frozen_the_finetuning_way(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers in eval mode inside a model in train mode: the fine-tuning idiom for keeping
+    pretrained statistics (``model.train()``, then the backbone's BatchNorm layers ``.eval()``)."""
+    if not unwrap_model(model).training:
+        return []
+    return [layer for _, layer in batchnorm_layers(model) if not layer.training]
+
+
+def train_keeping_frozen(model: nn.Module, frozen: list[_BatchNorm]) -> None:
+    """``model.train()``, with the ``frozen`` BatchNorm layers left in eval mode."""
+    model.train()
+    for layer in frozen:
+        layer.eval()

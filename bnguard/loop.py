@@ -22,6 +22,7 @@ from .checkpoint import Checkpoints, resolve_checkpoint
 from .console import show_progress
 from .events import Event
 from .hooks import Hook, HookRunner, checked_hooks
+from .layers import frozen_the_finetuning_way, train_keeping_frozen
 from .metrics import Metric, MetricSums, NonFiniteLossError, accuracy, batch_targets, evaluate_classifier, logits_of
 from .records import RecordWriter
 from .run_dir import shared_output_dir
@@ -57,6 +58,9 @@ class Loop:
         metric, metric_name: per-sample ``metric(logits, targets)`` (default accuracy) as ``*_<metric_name>``.
         recalibration_loader: batches for hooks to recalibrate on, streams too (default: training set shuffles).
         seed, progress: seeds the training batches drawn for hooks; show a progress bar on a terminal.
+
+    BatchNorm layers frozen the fine-tuning way (in eval mode in a model given in train mode) stay in eval
+    mode through training and evaluation, their statistics untouched; the hooks leave them alone too.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class Loop:
         self.output_dir = shared_output_dir(acc, output_dir)
         self.records = RecordWriter(self.output_dir / "metrics.jsonl", is_main_process=acc.is_main_process,
                                     echo=not show_progress(progress))
+        self.frozen_batchnorm = frozen_the_finetuning_way(model)  # kept in eval mode through training
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = _prepare(
             acc, model, optimizer, train_loader, eval_loader, scheduler)
         self.checkpoints = Checkpoints(acc, self.model, self.output_dir / "checkpoints", checkpoint_every_epochs)
@@ -152,7 +157,7 @@ class Loop:
         """One pass over the training batches, firing STEP_END (and step-scheduled evaluation) after every
         optimizer step; returns the epoch's train metrics."""
         state, acc, schedule = self.state, self.accelerator, self.schedule
-        self.model.train()
+        train_keeping_frozen(self.model, self.frozen_batchnorm)
         sums = MetricSums(acc.device)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not show_progress(self.show_progress, acc.is_main_process))

@@ -105,8 +105,8 @@ def evaluate_classifier(model: Any, loader: Any, accelerator: Any, loss_fn: Call
                         metric: Metric, metric_name: str, forward: Callable[[Any, Any], Any]) -> dict[str, float]:
     """Eval-mode ``eval_loss`` and ``eval_<metric_name>`` over a prepared loader (``forward(model, batch)``
     gives the outputs; targets as :func:`batch_targets` finds them), each sample counted once across
-    processes; the model's mode is restored."""
-    was_training = model.training
+    processes; every module's mode is restored."""
+    modes = [(module, module.training) for module in model.modules()]  # frozen layers stay in eval mode
     model.eval()
     sums = MetricSums(accelerator.device)
     try:
@@ -114,5 +114,6 @@ def evaluate_classifier(model: Any, loader: Any, accelerator: Any, loss_fn: Call
             logits, targets = accelerator.gather_for_metrics((logits_of(forward(model, batch)), batch_targets(batch)))
             sums.add(loss_fn(logits, targets), metric(logits, targets))
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return sums.compute("eval", metric_name)

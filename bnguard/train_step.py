@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,9 +15,13 @@ ComputeLoss = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, Any]"]
 
 def loss_from_model(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
     """For models that compute their own loss from a dict batch (the Hugging Face convention):
-    ``outputs = model(**batch)``, loss ``outputs.loss``."""
+    ``outputs = model(**batch)``, loss ``outputs.loss`` (or ``outputs["loss"]`` for a plain dict)."""
     outputs = model(**batch)
-    return outputs.loss, outputs
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise TypeError(f"compute_loss=loss_from_model, but the model's {type(outputs).__name__} output holds no "
+                        "loss: pass the labels in the batch, or use the default loss_fn on its logits")
+    return loss, outputs
 
 
 class TrainStep:

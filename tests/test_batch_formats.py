@@ -115,3 +115,31 @@ def test_dict_batches_on_two_processes(tmp_path):
     strip = lambda h: [{k: v for k, v in d.items() if k != "seconds"} for d in h]  # noqa: E731
     assert strip(rank0["history"]) == strip(rank1["history"]) and rank0["history"][0]["samples"] == 24
     assert_same_tensors(rank0["buffers"], rank1["buffers"])
+
+
+class PlainDictNet(DictNet):
+    """Returns a plain dict ``{"logits", "loss"}``, as many hand-written models do."""
+
+    def forward(self, pixel_values, labels=None):
+        output = super().forward(pixel_values, labels)
+        return {"logits": output.logits, "loss": output.loss}
+
+
+@pytest.mark.parametrize("compute_loss", [None, bnguard.loss_from_model])
+def test_a_model_returning_a_plain_dict_trains_and_is_probed(tmp_path, compute_loss):
+    torch.manual_seed(0)
+    model = PlainDictNet()
+    guard = bnguard.AutoRecalibrate(gap_threshold=-1.0, probe_samples=8)  # probe, then recalibrate each time
+    loop = bnguard.Loop(model, torch.optim.SGD(model.parameters(), lr=0.05), DataLoader(Dicts(24), batch_size=4),
+                        eval_loader=DataLoader(Dicts(8, seed=1), batch_size=4), epochs=2, output_dir=tmp_path,
+                        progress=False, hooks=[guard], compute_loss=compute_loss)
+    final = loop.fit()
+    torch.manual_seed(0)
+    reference = DictNet()  # the same network, its output a dataclass
+    dataclass_loop = bnguard.Loop(reference, torch.optim.SGD(reference.parameters(), lr=0.05),
+                                  DataLoader(Dicts(24), batch_size=4), eval_loader=DataLoader(Dicts(8, seed=1),
+                                  batch_size=4), epochs=2, output_dir=tmp_path / "ref", progress=False,
+                                  hooks=[bnguard.AutoRecalibrate(gap_threshold=-1.0, probe_samples=8)],
+                                  compute_loss=compute_loss)
+    assert final["train_loss"] == dataclass_loop.fit()["train_loss"]
+    assert len(guard.history) == 2 and all(d["reason"] for d in guard.history)

@@ -74,3 +74,42 @@ def test_auto_recalibrate_remembers_what_trained_even_if_evaluation_leaves_eval_
     runner.fire("on_step_end", step=1)
     runner.fire("on_eval_end", eval_metrics={"eval_acc": 0.3}, train_metrics={"train_acc": 0.9})
     assert not torch.equal(buffers_of(model.stem[1])["running_var"], frozen_before["running_var"])
+
+
+def frozen_by_hand():
+    """The idiom without any train() override: model.train(), then the stem's BatchNorm .eval()."""
+    torch.manual_seed(0)
+    model = FineTuned()
+    model.train = nn.Module.train.__get__(model)  # a plain train(), as most models have
+    model.train()
+    model.stem[1].eval()
+    return model
+
+
+def test_loop_keeps_layers_frozen_by_hand_in_eval_mode_through_training_and_evaluation(tmp_path):
+    model = frozen_by_hand()
+    pretrained, trained_before = buffers_of(model.stem[1]), buffers_of(model.block)
+    loop = bnguard.Loop(model, torch.optim.SGD(model.parameters(), lr=0.05), DataLoader(toy_data(24), batch_size=4),
+                        eval_loader=DataLoader(toy_data(8, seed=1), batch_size=4), epochs=2, eval_every_steps=3,
+                        output_dir=tmp_path, progress=False, hooks=[bnguard.PreciseBN()])
+    loop.fit()
+    assert not model.stem[1].training and model.block.bn1.training
+    for name, value in buffers_of(model.stem[1]).items():
+        assert torch.equal(value, pretrained[name]), name
+    assert not torch.equal(buffers_of(model.block)["bn1.running_mean"], trained_before["bn1.running_mean"])
+
+
+def test_a_model_whose_batchnorm_is_all_frozen_is_not_recorded_as_recalibrated(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 4))
+    model.train()
+    model[1].eval()
+    auto, precise = bnguard.AutoRecalibrate(gap_threshold=-1.0), bnguard.PreciseBN()
+    loop = bnguard.Loop(model, torch.optim.SGD(model.parameters(), lr=0.05), DataLoader(toy_data(16), batch_size=4),
+                        eval_loader=DataLoader(toy_data(8, seed=1), batch_size=4), epochs=1, output_dir=tmp_path,
+                        progress=False, hooks=[precise, auto])
+    record = loop.fit()
+    assert record["recalibrated"] is False and record["recal_samples"] == 0
+    assert "nothing recalibrated: all 1 BatchNorm layers skipped (1 frozen" in record["reason"]
+    assert auto.history[-1]["recalibrated"] is False and auto.history[-1]["samples"] == 0

@@ -97,3 +97,17 @@ def test_without_recalibrations_or_metrics_nothing_is_drawn(tmp_path):
     overview = Overview()
     assert overview.staleness_image() is None and overview.save_staleness(tmp_path / "x.png") is None
     assert overview.add_epoch(1, {}, {"eval_loss": 0.3}, {}) is False and overview.epochs == []
+
+
+def test_an_overview_metric_the_evaluation_never_gives_is_said_once(recwarn):
+    from bnguard import HookRunner
+
+    logger = BNStatsLogger(overview_metric="top1")
+    runner = HookRunner([logger], model=nn.BatchNorm1d(2))
+    for epoch in range(3):
+        runner.fire("on_epoch_start", epoch=epoch, record={}, eval_metrics={})
+        runner.fire("on_epoch_end", eval_metrics={"eval_acc": 0.5} if epoch else {})
+    said = [str(w.message) for w in recwarn if "overview_metric='top1'" in str(w.message)]
+    assert said == ["BNStatsLogger(overview_metric='top1'): the evaluation gives no eval_top1 (it gives ['eval_acc']), "
+                    "so the at-a-glance accuracy chart stays empty: pass overview_metric= the name of one of those, "
+                    "without 'eval_'"]
