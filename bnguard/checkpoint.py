@@ -8,10 +8,12 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .records import RECORDS_COPY
 from .validation import positive_int
 
 _NAME = re.compile(r"^epoch-(\d+)$")
@@ -26,8 +28,9 @@ class Checkpoints:
     """The loop's checkpoint schedule: ``directory/epoch-NNNN`` (NNNN: epochs done) every ``every_epochs``
     epochs and at the end of training; never when ``every_epochs`` is None."""
 
-    def __init__(self, accelerator: Any, model: torch.nn.Module, directory: Path, every_epochs: int | None):
-        self.accelerator, self.model, self.directory = accelerator, model, directory
+    def __init__(self, accelerator: Any, model: torch.nn.Module, directory: Path, every_epochs: int | None,
+                 records: Callable[[], list[dict[str, Any]]] = list):
+        self.accelerator, self.model, self.directory, self.records = accelerator, model, directory, records
         self.every_epochs = positive_int("checkpoint_every_epochs", every_epochs, optional=True)
 
     def after_epoch(self, epochs_done: int) -> None:
@@ -45,11 +48,12 @@ class Checkpoints:
             name = [n for (n, _), ok in zip(self.model.named_parameters(), finite) if not ok][0]
             raise FloatingPointError(f"parameter {name} holds NaN/Inf: checkpoint epoch-{epochs_done:04d} not "
                                      "written, the latest checkpoint is the last good one")
-        save_checkpoint(self.accelerator, self.directory, epochs_done)
+        save_checkpoint(self.accelerator, self.directory, epochs_done, self.records())
 
 
-def save_checkpoint(accelerator: Any, directory: Path, epoch: int) -> Path:
-    """Saves to ``directory/epoch-NNNN`` via a temporary folder renamed into place once complete."""
+def save_checkpoint(accelerator: Any, directory: Path, epoch: int, records: list[dict[str, Any]] | None = None) -> Path:
+    """Saves to ``directory/epoch-NNNN`` via a temporary folder renamed into place once complete, with a copy
+    of the run's ``records`` (:data:`RECORDS_COPY`) when given."""
     final = directory / f"epoch-{epoch:04d}"
     partial = directory / f".epoch-{epoch:04d}.partial"
     if accelerator.is_main_process:
@@ -59,6 +63,8 @@ def save_checkpoint(accelerator: Any, directory: Path, epoch: int) -> Path:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if records is not None:
+            (partial / RECORDS_COPY).write_text(json.dumps(records, allow_nan=False))
         write_manifest(partial)
         stale = directory / f".epoch-{epoch:04d}.replaced"
         if final.exists():
@@ -147,3 +153,9 @@ def resolve_checkpoint(resume_from: str | Path, output_dir: Path, missing_ok: bo
         raise FileNotFoundError(f"resume_from={str(resume_from)!r} is not a checkpoint folder")
     verify_checkpoint(path)
     return path
+
+
+def records_copy(folder: Path) -> list[dict[str, Any]] | None:
+    """The records a (verified) checkpoint folder holds a copy of; None for a checkpoint written without."""
+    path = folder / RECORDS_COPY
+    return json.loads(path.read_text()) if path.is_file() else None

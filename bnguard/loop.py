@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .batches import default_forward, hook_batches
 from .recalibration import Forward
-from .checkpoint import Checkpoints, resolve_checkpoint
+from .checkpoint import Checkpoints, records_copy, resolve_checkpoint
 from .console import show_progress
 from .events import Event
 from .hooks import Hook, HookRunner, checked_hooks
@@ -92,7 +92,8 @@ class Loop:
         self.frozen_batchnorm = frozen_the_finetuning_way(model)  # kept in eval mode through training
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = _prepare(
             acc, model, optimizer, train_loader, eval_loader, scheduler)
-        self.checkpoints = Checkpoints(acc, self.model, self.output_dir / "checkpoints", checkpoint_every_epochs)
+        self.checkpoints = Checkpoints(acc, self.model, self.output_dir / "checkpoints", checkpoint_every_epochs,
+                                       records=lambda: self.records.records)
         self.forward = forward or default_forward
         self.train_step = TrainStep(acc, self.model, self.optimizer, self.scheduler,
                                     compute_loss or loss_of(self.forward, loss_fn), max_grad_norm)
@@ -115,7 +116,7 @@ class Loop:
             if checkpoint is not None:
                 acc.load_state(str(checkpoint))
                 epoch = state.epoch + 1  # checkpoints are written once an epoch is over
-            record = self.records.open(epochs_done=epoch)
+            record = self.records.open(epochs_done=epoch, copy=records_copy(checkpoint) if checkpoint else None)
             if self.schedule.finished(epoch, state.step):
                 return self.records.finished(record)
             start_trackers(acc, self.trackers, project=self.project, output_dir=self.output_dir,

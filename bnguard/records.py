@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+
+RECORDS_COPY = "records.json"  # in each checkpoint folder: the records of the epochs it holds
 
 
 class RecordKeys:
@@ -27,24 +31,52 @@ class RecordKeys:
 
 class RecordWriter:
     """Appends one JSON line per epoch to ``metrics.jsonl`` on the main process, and echoes it on the
-    console when no progress bar shows the run."""
+    console when no progress bar shows the run. :attr:`records` holds what was written, for the copy each
+    checkpoint keeps (:data:`RECORDS_COPY`), from which a damaged file is rewritten on resume."""
 
     def __init__(self, path: Path, *, is_main_process: bool, echo: bool):
         self.path, self.is_main_process, self.echo = path, is_main_process, echo
+        self.records: list[dict[str, Any]] = []
 
-    def open(self, epochs_done: int) -> dict[str, Any]:
+    def open(self, epochs_done: int, copy: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Keeps the records of the epochs already done (all of them on resume), atomically; returns the last
-        of them ({} on a fresh run). Every process reads, the main process writes."""
-        kept = []
-        if epochs_done and self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        of them ({} on a fresh run). ``copy``: the resumed checkpoint's own records, which replace the file's
+        when its lines are torn, damaged or missing (a crash mid-write leaves a torn last line). Every process
+        reads, the main process writes."""
+        kept = self._readable(epochs_done) if epochs_done else []
+        if copy is not None and kept != copy:
+            if self.is_main_process:
+                warnings.warn(f"{self.path} does not hold the records of the {epochs_done} epochs done (torn, "
+                              "damaged or missing lines): rewritten from the checkpoint's own copy", stacklevel=4)
+            kept = list(copy)
         if self.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(".jsonl.partial")
-            partial.write_text("".join(line + "\n" for line in kept))
+            partial.write_text("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in kept))
             partial.replace(self.path)
-        return json.loads(kept[-1]) if kept else {}
+        self.records = kept
+        return kept[-1] if kept else {}
+
+    def _readable(self, epochs_done: int) -> list[dict[str, Any]]:
+        """The file's records of epochs up to ``epochs_done``; each damaged line is named in a warning."""
+        if not self.path.exists():
+            return []
+        kept, damaged = [], []
+        for number, line in enumerate(self.path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                epoch = record["epoch"]
+            except (ValueError, TypeError, KeyError):
+                damaged.append(number)
+                continue
+            if epoch <= epochs_done:
+                kept.append(record)
+        if damaged and self.is_main_process:
+            warnings.warn(f"{self.path}: line(s) {damaged} are not records (a write cut by a crash?): left out",
+                          stacklevel=5)
+        return kept
 
     def finished(self, last: dict[str, Any]) -> dict[str, Any]:
         """Says that a resumed run has nothing left to train; returns its last record."""
@@ -61,6 +93,7 @@ class RecordWriter:
         return record
 
     def write(self, record: dict[str, Any]) -> None:
+        self.records.append(json.loads(json.dumps(_json_safe(record), allow_nan=False)))  # as read back
         if not self.is_main_process:
             return
         with self.path.open("a") as out:

@@ -85,3 +85,31 @@ def test_a_finished_run_returns_its_last_record(run, capsys):
     assert {k: v for k, v in again.items() if k != "seconds"} == last
     assert "is already complete (epoch 2): nothing left to train" in capsys.readouterr().out
     assert records(run)[-1] == last and len(records(run)) == 2
+
+
+def lines_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+DAMAGES = {
+    "torn last line": lambda text: text[:-25],
+    "garbage last line": lambda text: text + "}{not json\n",
+    "NUL-padded tail": lambda text: text + "\x00" * 300,
+    "missing lines": lambda text: "".join(line + "\n" for i, line in enumerate(text.splitlines()) if i not in (2, 3)),
+    "torn line of the next epoch": lambda text: text + '{"epoch": 5, "step": 3',
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_metrics_file_is_recovered_from_the_checkpoint_on_resume(tmp_path, damage):
+    from helpers import without_timings
+
+    whole = toy_loop(tmp_path / "whole", epochs=6, checkpoint_every_epochs=1)
+    whole.fit()
+    expected = without_timings(lines_of(tmp_path / "whole" / "metrics.jsonl"))
+    toy_loop(tmp_path / "cut", epochs=4, checkpoint_every_epochs=1).fit()
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    metrics.write_text(DAMAGES[damage](metrics.read_text()))
+    with pytest.warns(UserWarning, match=str(metrics)):
+        toy_loop(tmp_path / "cut", epochs=6, checkpoint_every_epochs=1).fit(resume_from="latest")
+    assert without_timings(lines_of(metrics)) == expected
