@@ -143,13 +143,6 @@ def test_a_resumed_training_continues_the_hooks_decisions(tmp_path):
     assert [h["reason"] for h in resumed.hooks[0].history] == [h["reason"] for h in whole.hooks[0].history]
 
 
-def test_resuming_from_a_checkpoint_without_hook_state_names_the_file(tmp_path):
-    trainer(tmp_path, [], epochs=1, save_strategy="epoch").train()
-    with pytest.raises(FileNotFoundError, match=STATE_FILE):
-        trainer(tmp_path, [BNGuardCallback()], epochs=2, save_strategy="epoch").train(
-            resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-
-
 def test_two_torchrun_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_path):
     script = Path(__file__).with_name("hf_two_processes.py")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]

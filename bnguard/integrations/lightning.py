@@ -33,7 +33,8 @@ from ..events import Event
 from ..hooks import Hook, HookRunner, checked_hooks
 from ..isolation import preserved_rng
 from ..tracking import Trackers
-from .common import RunningMeans, hook_state, missing_extra, without_evaluation
+from .common import (RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated,
+                     without_evaluation)
 
 try:
     import lightning.pytorch as pl
@@ -114,12 +115,14 @@ class BNGuardCallback(pl.Callback):
         self.runner = HookRunner(self.hooks, model=pl_module, optimizer=trainer.optimizers[0] if trainer.optimizers
                                  else None, evaluate=lambda: self._revalidate(trainer, pl_module),
                                  train_batches=self._moved_batches(trainer) if self._batches else None,
-                                 forward=self.forward, trackers=LightningTrackers(trainer))
+                                 forward=self.forward, trackers=LightningTrackers(trainer),
+                                 evaluation_hint="give the LightningModule a validation_step and the Trainer "
+                                 "validation data")
         if self._restored is not None:
-            self.runner.load_state_dict(self._restored["hooks"])
-            if self._batches is not None and self._restored["batches"] is not None:
-                self._batches.load_state_dict(self._restored["batches"])
-            self.records = list(self._restored["records"])
+            self.records = load_hook_state(self._restored, self.runner, self._batches, self._train)
+        if not _validates(trainer, pl_module):
+            warn_never_evaluated(self.hooks, "the LightningModule has no validation_step, or the Trainer runs no "
+                                 "validation batch (limit_val_batches=0)")
         self.runner.fire(Event.FIT_START, epoch=trainer.current_epoch, step=trainer.global_step)
 
     def _moved_batches(self, trainer: pl.Trainer) -> Callable[[], Iterator[Any]]:
@@ -213,12 +216,21 @@ class BNGuardCallback(pl.Callback):
 
     # ---- checkpointing -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.runner is None:
-            return {}
-        return hook_state(self.runner, self._batches, self.records)
+        if self.runner is None:  # not trained in this process (a finished run relaunched): what was loaded
+            return self._restored or {}
+        return hook_state(self.runner, self._batches, self.records, self._train)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict or None  # applied at on_train_start, once the hooks are wired
+        self._restored = state_dict or None  # the hooks' part is applied at on_train_start, once they are wired
+        if self._restored is not None:
+            self.records = list(self._restored["records"])
+
+
+def _validates(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
+    """Whether this fit will run validation at all."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden("validation_step", module) and trainer.limit_val_batches != 0
 
 
 def _single_loader(loaders: Any) -> Any:

@@ -36,7 +36,9 @@ from ..events import Event
 from ..hooks import Hook, HookRunner, checked_hooks
 from ..isolation import preserved_rng
 from ..tracking import Trackers
-from .common import RunningMeans, hook_state, missing_extra, without_evaluation
+from .common import (RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated,
+                     without_evaluation)
+from .transformers_state import STATE_FILE, hook_state_for, trainer_state_digest as _trainer_state_digest
 
 try:
     import transformers
@@ -44,7 +46,6 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise missing_extra("transformers", "hf") from error
 
-STATE_FILE = "bnguard_hooks.pt"
 
 
 class TransformersTrackers(Trackers):
@@ -126,7 +127,7 @@ class BNGuardCallback(transformers.TrainerCallback):
         self.records: list[dict[str, Any]] = []
         self._batches: Any = None
         self._train = RunningMeans()
-        self._epoch_end_pending = self._training = False
+        self._epoch_end_pending = self._training = self._in_epoch = self._resumed_mid_epoch = False
 
     # ---- setting up ------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any) -> None:
@@ -139,27 +140,31 @@ class BNGuardCallback(transformers.TrainerCallback):
                                  optimizer=kwargs.get("optimizer"),
                                  evaluate=self._reevaluate if trainer.eval_dataset is not None else None,
                                  train_batches=self._batches, forward=self.forward,
-                                 trackers=TransformersTrackers(trainer))
+                                 trackers=TransformersTrackers(trainer),
+                                 evaluation_hint="give the Trainer an eval_dataset")
+        self._resumed_mid_epoch = False
         if state.global_step > 0:
-            self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+            folder = _resumed_folder() or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            saved = hook_state_for(folder, state.global_step, state.is_world_process_zero)
+            if saved is not None:
+                self.records = load_hook_state(saved, self.runner, self._batches, self._train)
+                self._resumed_mid_epoch = bool(saved.get("in_epoch"))
+        if str(args.eval_strategy) in ("no", "IntervalStrategy.NO") or trainer.eval_dataset is None:
+            warn_never_evaluated(self.hooks, "the Trainer never evaluates (eval_strategy='no' or no eval_dataset)")
         self._training = True
         self.runner.fire(Event.FIT_START, epoch=int(state.epoch or 0), step=state.global_step)
 
-    def _restore(self, path: Path) -> None:
-        if not path.exists():
-            raise FileNotFoundError(f"the Trainer resumes at step {path.parent.name.split('-')[-1]} but {path} "
-                                    "does not exist: resume from a checkpoint written with BNGuardCallback")
-        saved = torch.load(path, weights_only=True)
-        self.runner.load_state_dict(saved["hooks"])
-        if self._batches is not None and saved["batches"] is not None:
-            self._batches.load_state_dict(saved["batches"])
-        self.records = list(saved["records"])
-
     # ---- training ----------------------------------------------------------------------------------------
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.runner is not None:
-            self.runner.fire(Event.EPOCH_START, epoch=int(round(state.epoch or 0)), record={}, train_metrics={},
-                             eval_metrics={})
+        if self.runner is None:
+            return
+        epoch = int(state.epoch or 0)  # the epoch running: a resumed run may be part-way through it
+        if self._resumed_mid_epoch:  # its metrics and record so far came back with the hook state
+            self._resumed_mid_epoch = False
+            self.runner.fire(Event.EPOCH_START, epoch=epoch)
+        else:
+            self.runner.fire(Event.EPOCH_START, epoch=epoch, record={}, train_metrics={}, eval_metrics={})
+        self._in_epoch = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.runner is not None:
@@ -182,7 +187,7 @@ class BNGuardCallback(transformers.TrainerCallback):
             self._end_epoch()
 
     def _end_epoch(self) -> None:
-        self._epoch_end_pending = False
+        self._epoch_end_pending = self._in_epoch = False
         self.runner.fire(Event.EPOCH_END)
         state = self.runner.state
         self.records.append({"epoch": state.epoch + 1, "step": state.step, **state.train_metrics,
@@ -194,7 +199,8 @@ class BNGuardCallback(transformers.TrainerCallback):
         if self.runner is None or metrics is None or not self._training:
             return
         train = self._train.take() or dict(self.runner.state.train_metrics)  # none logged since: the last ones
-        measured = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        measured = {key: value for key, value in metrics.items()  # not the Trainer's "epoch", a float
+                    if key.startswith("eval_") and isinstance(value, (int, float))}
         self.runner.state.record = {}
         self.runner.fire(Event.EVAL_END, step=state.global_step, train_metrics=train, eval_metrics=dict(measured))
         changed = {key: value for key, value in self.runner.state.eval_metrics.items()
@@ -218,17 +224,36 @@ class BNGuardCallback(transformers.TrainerCallback):
 
     # ---- checkpoints and the end ---------------------------------------------------------------------------
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.runner is None or not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.runner is not None and state.is_world_process_zero:
+            self._write_state(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+    def _write_state(self, folder: Path, step: int) -> None:
+        """The hook state, tied to the checkpoint it belongs to (its step and its trainer_state.json)."""
+        saved = {**hook_state(self.runner, self._batches, self.records, self._train), "step": step,
+                 "in_epoch": self._in_epoch, "trainer_state_sha256": _trainer_state_digest(folder)}
         partial = folder / (STATE_FILE + ".partial")
-        torch.save(hook_state(self.runner, self._batches, self.records), partial)
+        torch.save(saved, partial)
         partial.replace(folder / STATE_FILE)  # whole or absent, never half-written
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.runner is not None:
-            self._training = False
+            self._training, final = False, Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            whole_epochs = float(state.epoch or 0).is_integer()  # not a stop part-way through an epoch
+            if state.is_world_process_zero and whole_epochs and (final / STATE_FILE).exists():
+                self._write_state(final, state.global_step)  # the final checkpoint, with the last epoch's record
             self.runner.fire(Event.FIT_END)
+
+
+def _resumed_folder() -> Path | None:
+    """The checkpoint folder the Trainer is resuming from: a local of its training loop, which is on the call
+    stack (the Trainer records it nowhere else)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        folder = frame.f_locals.get("resume_from_checkpoint")
+        if isinstance(frame.f_locals.get("self"), transformers.Trainer) and isinstance(folder, (str, Path)):
+            return Path(folder)
+        frame = frame.f_back
+    return None
 
 
 def _calling_trainer() -> transformers.Trainer:
