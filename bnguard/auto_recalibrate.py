@@ -45,6 +45,8 @@ class AutoRecalibrate(Hook):
     Outside :class:`bnguard.Loop`, call :meth:`check` after evaluating.
     """
 
+    acts_at_evaluation = True
+
     def __init__(
         self,
         *,
@@ -113,8 +115,7 @@ class AutoRecalibrate(Hook):
         previous = saved_statistics(model)
         report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator,
                              include_frozen=self.include_frozen, progress=False, **how)
-        why_not = nothing_recalibrated(report)
-        if why_not is not None:  # the statistics are as they were: nothing to re-evaluate or judge
+        if (why_not := nothing_recalibrated(report)) is not None:  # statistics as they were: nothing to judge
             self._warn_once("nothing", f"AutoRecalibrate recalibrated nothing in {type(model).__name__}: "
                             f"{why_not}; include_frozen=True recalibrates frozen layers too")
             return decision.noted(f"nothing recalibrated: {why_not}", wants_recalibration=False,
@@ -131,8 +132,7 @@ class AutoRecalibrate(Hook):
     # ---- the hook ----------------------------------------------------------------------------------
     def on_fit_start(self, state: State) -> None:
         if not state.has_evaluation:
-            raise ValueError("AutoRecalibrate needs evaluation: give bnguard.Loop an eval_loader, or bnguard.Guard / "
-                             "HookRunner an evaluate= function")
+            raise ValueError(f"AutoRecalibrate needs evaluation: {state.evaluation_hint}")
         if not state.has_train_batches and not self.report_only:
             raise ValueError(f"AutoRecalibrate needs training batches to recalibrate on: {NO_TRAIN_BATCHES}")
 

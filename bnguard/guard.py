@@ -65,7 +65,8 @@ class Guard:
         self.batches = hook_batches(train_loader, recalibration_loader, accelerator=accelerator, seed=seed)
         self.runner = HookRunner(hooks, accelerator=accelerator, model=model, optimizer=optimizer,
                                  evaluate=self._hooks_evaluate if evaluate is not None else None,
-                                 train_batches=self.batches, forward=forward, trackers=trackers)
+                                 train_batches=self.batches, forward=forward, trackers=trackers,
+                                 evaluation_hint="pass evaluate= to bnguard.Guard")
         self.state = self.runner.state
         device = accelerator.device if accelerator is not None else next(
             (p.device for p in model.parameters()), torch.device("cpu"))

@@ -25,6 +25,8 @@ class Hook:
     saved under :attr:`state_key`, made unique by :class:`HookRunner` when two hooks would share one.
     """
 
+    acts_at_evaluation = False  # a hook that does its work at evaluations (trainers that never evaluate: a warning)
+
     def on_fit_start(self, state: State) -> None: ...
 
     def on_epoch_start(self, state: State) -> None: ...
@@ -69,7 +71,8 @@ class HookRunner:
 
     ``evaluate`` returns eval metrics (eval mode); ``train_batches`` returns an iterable of training batches
     for recalibration; ``forward(model, batch)`` runs the model on one (default :func:`default_forward`);
-    ``trackers`` is where hooks log (default: ``accelerator``'s trackers, see :class:`~bnguard.Trackers`).
+    ``trackers`` is where hooks log (default: ``accelerator``'s trackers, see :class:`~bnguard.Trackers`);
+    ``evaluation_hint`` tells the user how to give this loop an evaluation, in hooks' errors.
     It is itself checkpointable (``accelerator.register_for_checkpointing(runner)``): its state dict holds
     every hook's state under its key.
     """
@@ -85,6 +88,7 @@ class HookRunner:
         train_batches: Callable[[], Iterable[Any]] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         trackers: Trackers | None = None,
+        evaluation_hint: str = "pass evaluate= to bnguard.HookRunner",
     ):
         self.hooks = checked_hooks(hooks)
         seen = Counter(hook.state_key for hook in self.hooks)
@@ -95,7 +99,8 @@ class HookRunner:
                 hook.state_key = f"{key}#{nth[key]}"
                 nth[key] += 1
         self.state = State(accelerator=accelerator, model=model, optimizer=optimizer, evaluate=evaluate,
-                           train_batches=train_batches, forward=forward, dispatch=self.fire, trackers=trackers)
+                           train_batches=train_batches, forward=forward, dispatch=self.fire, trackers=trackers,
+                           evaluation_hint=evaluation_hint)
 
     def fire(self, event: Event | str, **updates: Any) -> None:
         """Updates the state with ``updates``, then calls ``event`` on every hook in order.

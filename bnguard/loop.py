@@ -58,9 +58,7 @@ class Loop:
         metric, metric_name: per-sample ``metric(logits, targets)`` (default accuracy) as ``*_<metric_name>``.
         recalibration_loader: batches for hooks to recalibrate on, streams too (default: training set shuffles).
         seed, progress: seeds the training batches drawn for hooks; show a progress bar on a terminal.
-
-    BatchNorm layers frozen the fine-tuning way (in eval mode in a model given in train mode) stay in eval
-    mode through training and evaluation, their statistics untouched; the hooks leave them alone too.
+    BatchNorm layers in eval mode in a model given in train mode (frozen for fine-tuning) stay in eval mode.
     """
 
     def __init__(
@@ -77,30 +75,29 @@ class Loop:
         compute_loss: ComputeLoss | None = None,
     ):
         hooks = checked_hooks(hooks)
-        self.schedule = Schedule.checked(
-            has_eval_loader=eval_loader is not None, epochs=epochs, max_steps=max_steps,
-            eval_every_epochs=eval_every_epochs, eval_every_steps=eval_every_steps, log_every_steps=log_every_steps,
-            limit_train_batches=limit_train_batches)
+        self.schedule = Schedule.checked(has_eval_loader=eval_loader is not None, epochs=epochs, max_steps=max_steps,
+                                         eval_every_epochs=eval_every_epochs, eval_every_steps=eval_every_steps,
+                                         log_every_steps=log_every_steps, limit_train_batches=limit_train_batches)
         _check_not_empty(train_loader, eval_loader)
         self.accelerator = acc = _accelerator(accelerator, gradient_accumulation_steps)
         self.trackers = tracker_names(tracker if tracker is not None else [str(t) for t in acc.log_with])
-        self.loss_fn, self.metric, self.metric_name = loss_fn, metric, metric_name
-        self.project, self.run_name, self.show_progress = project, run_name, progress
+        self.loss_fn, self.metric, self.metric_name, self.project = loss_fn, metric, metric_name, project
+        self.run_name, self.show_progress = run_name, progress
         self.output_dir = shared_output_dir(acc, output_dir)
         self.records = RecordWriter(self.output_dir / "metrics.jsonl", is_main_process=acc.is_main_process,
                                     echo=not show_progress(progress))
-        self.frozen_batchnorm = frozen_the_finetuning_way(model)  # kept in eval mode through training
+        self.frozen_batchnorm = frozen_the_finetuning_way(model)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = _prepare(
             acc, model, optimizer, train_loader, eval_loader, scheduler)
         self.checkpoints = Checkpoints(acc, self.model, self.output_dir / "checkpoints", checkpoint_every_epochs,
-                                       records=lambda: self.records.records)
+                                       records=lambda: self.records.records)  # a copy of them in each checkpoint
         self.forward = forward or default_forward
         self.train_step = TrainStep(acc, self.model, self.optimizer, self.scheduler,
                                     compute_loss or loss_of(self.forward, loss_fn), max_grad_norm)
         self.train_batches = hook_batches(train_loader, recalibration_loader, accelerator=acc, seed=seed)
-        self.runner = HookRunner(hooks, accelerator=acc, model=self.model, optimizer=self.optimizer,
+        self.runner = HookRunner(hooks, accelerator=acc, model=self.model, optimizer=self.optimizer, forward=forward,
                                  evaluate=self.evaluate if self.eval_loader is not None else None,
-                                 train_batches=self.train_batches, forward=forward)
+                                 train_batches=self.train_batches, evaluation_hint="give bnguard.Loop an eval_loader")
         self.state = self.runner.state
         self.config = dict(config or {})
         acc.register_for_checkpointing(self.state, self.runner, *filter(None, [self.train_batches]))
@@ -140,7 +137,6 @@ class Loop:
                                    self.metric_name, self.forward)
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
-        state = self.state
         started = time.perf_counter()
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)
@@ -150,7 +146,7 @@ class Loop:
             self._evaluate_with_events()
         seconds = time.perf_counter() - started
         self.runner.fire(Event.EPOCH_END)
-        record = self.records.write_epoch(state, seconds)
+        record = self.records.write_epoch(self.state, seconds)
         self.checkpoints.after_epoch(epoch + 1)
         return record
 
@@ -184,9 +180,8 @@ class Loop:
 
     def _evaluate_with_events(self, **updates: Any) -> None:
         self.runner.fire(Event.EVAL_START, **updates)
-        self.state.eval_metrics = self.evaluate()
-        self.state.log(self.state.eval_metrics)
-        self.runner.fire(Event.EVAL_END)
+        self.state.log(metrics := self.evaluate())
+        self.runner.fire(Event.EVAL_END, eval_metrics=metrics)
 
 
 def _prepare(acc: Accelerator, *objects: Any) -> list[Any]:

@@ -27,6 +27,8 @@ class PreciseBN(Hook):
     EMA / SWA copy the evaluation uses.
     """
 
+    acts_at_evaluation = True
+
     def __init__(self, every_n_evals: int = 1, *, num_samples: int = 4096, include_frozen: bool = False,
                  target: Target = None):
         self.every_n_evals = positive_int("every_n_evals", every_n_evals)

@@ -43,6 +43,7 @@ class State:
         forward: Callable[[nn.Module, Any], Any] | None = None,
         dispatch: Callable[[Event], None] | None = None,
         trackers: Trackers | None = None,
+        evaluation_hint: str = "pass evaluate= to bnguard.HookRunner",
     ):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.epoch = 0
@@ -56,6 +57,7 @@ class State:
         self._evaluate, self._train_batches, self._dispatch = evaluate, train_batches, dispatch
         self.forward = forward  # how a batch reaches the model, for hooks that run it (None: the default)
         self.trackers = trackers or Trackers(accelerator)  # where hooks' values go
+        self.evaluation_hint = evaluation_hint  # how this loop's user gives it an evaluation, for errors
 
     def update(self, **values: Any) -> None:
         """Sets fields the loop owns (:attr:`UPDATABLE`); an unknown name is an error, not a new attribute."""
@@ -94,7 +96,7 @@ class State:
         loader iterator draws from the global stream, and the run must train on the same batches and dropout
         masks whether or not a hook re-evaluated."""
         if self._evaluate is None:
-            raise RuntimeError("this loop gave its hooks no evaluate function: pass evaluate= to bnguard.HookRunner")
+            raise RuntimeError(f"this loop gave its hooks no evaluate function: {self.evaluation_hint}")
         modes = [(module, module.training) for module in self.model.modules()] if self.model is not None else []
         try:
             with preserved_rng():

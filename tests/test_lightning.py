@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -194,3 +195,29 @@ def test_the_hooks_leave_training_bit_identical(tmp_path):
 
     guarded = trained([BNStatsLogger(every_n_steps=1), AutoRecalibrate(), PreciseBN(), reevaluating_hook()])
     assert_same_tensors(trained([]), guarded)
+
+
+def test_relaunching_a_finished_run_from_last_keeps_the_hook_state_and_records(tmp_path):
+    def run(ckpt_path=None):
+        torch.manual_seed(0)
+        callback = BNGuardCallback([AutoRecalibrate()])
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        trainer(tmp_path, [callback, saver], epochs=2).fit(Classifier(bn_momentum=0.0), *loaders(), ckpt_path=ckpt_path)
+        return callback
+
+    first = run()
+    again = run(ckpt_path="last")  # the run is complete: Lightning trains nothing, the callback keeps its state
+    assert len(again.records) == 2 and without_timings(again.records) == without_timings(first.records)
+    assert again.state_dict()["records"] == first.state_dict()["records"]
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert any(state.get("records") for state in saved["callbacks"].values())
+
+
+def test_a_module_without_validation_step_is_said_at_fit_start(tmp_path):
+    class NoValidation(Classifier):
+        validation_step = pl.LightningModule.validation_step
+
+    with pytest.warns(UserWarning, match=r"AutoRecalibrate, PreciseBN will never run: the LightningModule has no "
+                                         r"validation_step"):
+        trainer(tmp_path, [BNGuardCallback([AutoRecalibrate(report_only=True), PreciseBN()])], epochs=1,
+                limit_val_batches=0).fit(NoValidation(), loaders()[0])
