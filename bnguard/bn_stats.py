@@ -14,7 +14,7 @@ from .console import WarnOnce
 from .hooks import Hook
 from .isolation import batchnorm_in_train_mode
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
-from .overview import SECTION, Overview
+from .overview import NEVER, SECTION, Overview, due
 from .state import State
 from .tracking import Histogram, Trackers
 from .validation import positive_int
@@ -133,7 +133,12 @@ class BNStatsLogger(Hook):
     ``eval_<metric>`` and the eval value with the running statistics as trained, per epoch
     (``overview_metric``, default ``acc``); one chart per summary statistic with a line per layer, after each
     evaluation; and at each recalibration a layers x recalibrations heatmap of how far each one moved each
-    layer (an image in W&B and TensorBoard). :meth:`save_staleness` writes the heatmap as a PNG.
+    layer (an image in W&B and TensorBoard). :meth:`save_staleness` writes the heatmap as a PNG. In a long
+    run the accuracy chart is logged at each of the first 64 epochs, then every 64th; the layer charts and the
+    heatmap at the powers of two (W&B keeps every chart table it is given in memory); all of them at the end.
+    The history is thinned evenly to at most 512 points (128 per layer line as logged), the heatmap to the
+    latest 64 recalibrations: the W&B files grow linearly with the run, memory stays flat, and a late
+    evaluation costs what an early one did.
     """
 
     def __init__(self, every_n_steps: int = 100, on_eval: bool = True, bins: int = 64,
@@ -170,13 +175,13 @@ class BNStatsLogger(Hook):
     def on_eval_end(self, state: State) -> None:
         if self.on_eval:
             self._log(state)
-        self._publish(state, layers=True)
+        self._publish(state, layers=self.overview is not None and due(self.overview.layer_rounds.rounds, NEVER))
 
     def on_epoch_end(self, state: State) -> None:
         if self.overview is None or not state.is_main_process:
             return
         if self.overview.add_epoch(state.epoch + 1, state.train_metrics, state.eval_metrics, state.record):
-            self._publish(state, accuracy=True)
+            self._publish(state, accuracy=due(self.overview.epoch_rounds.rounds, 64, first=64))
         elif state.eval_metrics:
             metric = self.overview.metric
             self._warn_once("no metric", f"BNStatsLogger(overview_metric={metric!r}): the evaluation gives no "
@@ -193,11 +198,11 @@ class BNStatsLogger(Hook):
         self._log(state)
         if self.overview is not None and state.is_main_process:
             self.overview.add_recalibration(state.step, state.recalibration)
-            self._publish(state, staleness=True)
+            self._publish(state, staleness=due(self.overview.recalibration_count, NEVER))
 
     def on_fit_end(self, state: State) -> None:
         self._stop_capturing()
-        self._publish(state, layers=True, staleness=True)
+        self._publish(state, accuracy=True, layers=True, staleness=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"overview": self.overview.state_dict()} if self.overview is not None else {}

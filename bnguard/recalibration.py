@@ -55,7 +55,8 @@ def recalibrate(
        every other module in the mode it has instead. Afterwards modes, momenta, hooks, parameters,
        gradients, optimizer state and the global random states are exactly as before.
     2. Atomic: the buffers are not touched until every pass (and the cross-process merge) has succeeded. An
-       exception, KeyboardInterrupt included, leaves them bit-identical and propagates.
+       exception, KeyboardInterrupt included, leaves them bit-identical and propagates. A Ctrl-C stops the
+       passes between batches, and waits while modes, momenta and hooks are restored or buffers written.
     3. ``num_batches_tracked`` of a recalibrated layer afterwards holds the number of layer calls pooled into
        its statistics (over all processes), so a ``momentum=None`` layer that keeps training weighs the
        estimate as that many batches.

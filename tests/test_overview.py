@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from bnguard import AutoRecalibrate, BNStatsLogger, RecalibrationReport
-from bnguard.overview import Overview
+from bnguard.overview import NEVER, Overview, due
 from bnguard.report import LayerReport
 from helpers import toy_loop
 from wandb_log import history, offline_run_dir
@@ -51,7 +51,9 @@ def test_the_run_opens_with_accuracy_every_layer_per_statistic_and_the_staleness
 
     for statistic in ("running_mean_mean", "running_mean_std", "log_running_var_mean"):
         logged = [r for r in rows if f"at-a-glance/{statistic}_table/path" in r]
-        assert [r["_step"] for r in logged] == [e["step"] for e in epochs]  # after each evaluation
+        rounds = sorted({r["_step"] for r in rows if f"bn/{bn[0]}/{statistic}" in r})  # layer-statistics rounds
+        due_at = [e["step"] for e in epochs if due(sum(s <= e["step"] for s in rounds), NEVER)]
+        assert [r["_step"] for r in logged] == sorted({*due_at, epochs[-1]["step"]})  # as due, and at the end
         data = table(run_dir, logged[-1], f"at-a-glance/{statistic}_table")["data"]
         assert sorted({k for _, k, _ in data}) == sorted(bn)  # one line per layer, in one chart
         steps = sorted({x for x, _, _ in data})
@@ -111,3 +113,29 @@ def test_an_overview_metric_the_evaluation_never_gives_is_said_once(recwarn):
     assert said == ["BNStatsLogger(overview_metric='top1'): the evaluation gives no eval_top1 (it gives ['eval_acc']), "
                     "so the at-a-glance accuracy chart stays empty: pass overview_metric= the name of one of those, "
                     "without 'eval_'"]
+
+
+def test_a_long_history_is_thinned_evenly_and_the_heatmap_keeps_the_latest_recalibrations():
+    from bnguard.overview import MAX_COLUMNS, MAX_POINTS
+
+    overview = Overview()
+    report = RecalibrationReport(layers=[LayerReport("a", mean_shift_max=1.0)])
+    for step in range(1, 3001):
+        overview.add_layer_statistics(step, {"bn/a/running_mean_mean": float(step)})
+        overview.add_layer_statistics(step, {"bn/a/running_mean_mean": float(-step)})  # after a recalibration
+        overview.add_epoch(step, {"train_acc": 0.5}, {"eval_acc": 0.5}, {})
+        overview.add_recalibration(step, report)
+    steps = overview.layer_steps
+    assert MAX_POINTS <= len(steps) <= 2 * MAX_POINTS and steps[0] == 1
+    assert len({b - a for a, b in zip(steps, steps[1:])}) == 1  # evenly spaced
+    assert overview.layer_values["running_mean_mean"]["a"] == [-float(s) for s in steps]  # the replacing round
+    assert MAX_POINTS <= len(overview.epochs) <= 2 * MAX_POINTS
+    assert [step for step, _ in overview.recalibrations] == list(range(3001 - MAX_COLUMNS, 3001))
+    restored = Overview()
+    restored.load_state_dict(overview.state_dict())
+    restored.add_layer_statistics(3001, {"bn/a/running_mean_mean": 1.0})
+    overview.add_layer_statistics(3001, {"bn/a/running_mean_mean": 1.0})
+    assert restored.state_dict() == overview.state_dict()
+    assert [n for n in range(1, 300) if due(n, 64)] == [1, 2, 4, 8, 16, 32, 64, 128, 192, 256]
+    assert [n for n in range(1, 100) if due(n, 16, first=64)] == list(range(1, 65)) + [80, 96]
+    assert [n for n in range(1, 1100) if due(n, NEVER)] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
