@@ -34,24 +34,8 @@ from data import digits  # noqa: E402
 from hf_trainer import AsDicts, accuracy, build_model  # noqa: E402
 from lightning_train import DigitsClassifier  # noqa: E402
 
-
-class Stopwatch:
-    """Wraps every event method of a callback to add up the time spent inside them."""
-
-    def __init__(self, callback) -> None:
-        self.seconds = 0.0
-        for name in dir(callback):
-            if name.startswith("on_"):
-                setattr(callback, name, self._timed(getattr(callback, name)))
-
-    def _timed(self, method):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-        return timed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stopwatch import Stopwatch  # noqa: E402
 
 
 def lightning_run(data, epochs: int, callback) -> float:
@@ -105,7 +89,8 @@ def main() -> None:
         for name, (run, adapter) in runs.items():
             for with_adapter in (False, True) if repeat % 2 == 0 else (True, False):  # neither always first
                 callback = adapter([]) if with_adapter else None
-                stopwatch = Stopwatch(callback) if with_adapter else None
+                events = [method for method in dir(callback) if method.startswith("on_")]
+                stopwatch = Stopwatch(callback, events) if with_adapter else None
                 times[name, with_adapter].append(run(data, args.epochs, callback))
                 if with_adapter:
                     inside[name].append(stopwatch.seconds / times[name, True][-1])

@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from data import digits  # noqa: E402
 from models import SeedNet  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stopwatch import Stopwatch  # noqa: E402
+
 
 def setup(train_set):
     AcceleratorState._reset_state(True)
@@ -40,24 +43,6 @@ def setup(train_set):
     model = SeedNet(10, width=16, in_channels=1)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     return model, optimizer, DataLoader(train_set, batch_size=32, shuffle=True)
-
-
-class Timed:
-    """Seconds spent inside an object's methods, summed over calls."""
-
-    def __init__(self, target, names):
-        self.seconds = 0.0
-        for name in names:
-            setattr(target, name, self._timed(getattr(target, name)))
-
-    def _timed(self, method):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-        return timed
 
 
 def hand_written(train_set, eval_set, epochs: int, guard_hooks=None) -> tuple[float, float]:
@@ -76,7 +61,7 @@ def hand_written(train_set, eval_set, epochs: int, guard_hooks=None) -> tuple[fl
 
     guard = None if guard_hooks is None else bnguard.Guard(model, guard_hooks, evaluate=evaluate,
                                                              train_loader=loader, accelerator=accelerator)
-    inside = Timed(guard, ["step", "evaluated", "end"]) if guard is not None else None
+    inside = Stopwatch(guard, ["step", "evaluated", "end"]) if guard is not None else None
     start = time.perf_counter()
     for _ in range(epochs):
         model.train()
