@@ -63,7 +63,8 @@ def main() -> None:
         runner.fire("on_fit_start")
         print(f"{args.evaluations} evaluations, {args.layers} BatchNorm layers, a recalibration and logging to "
               f"{args.tracker} at each, CPU, {torch.get_num_threads()} threads")
-        print(f"| {'evaluations':>12} | {'s / eval':>8} | {'W&B KB / eval':>13} | {'RSS MB':>7} | {'hook state KB':>13} |")
+        print(f"| {'evaluations':>12} | {'s / eval':>8} | {'W&B KB / eval':>13} | {'RSS MB':>7} | "
+              f"{'hook state KB':>13} |")
         print(f"|{'-' * 14}|{'-' * 10}|{'-' * 15}|{'-' * 9}|{'-' * 15}|", flush=True)
         quarters, rows = [args.evaluations * q // 4 for q in (1, 2, 3, 4)], []
         started, wandb_before = time.perf_counter(), folder_bytes(Path(out))

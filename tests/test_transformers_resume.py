@@ -97,7 +97,8 @@ def test_resuming_between_two_evaluations_takes_the_same_decisions(tmp_path):
     resumed, resumed_fit = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-6"), **between)
     assert decisions(resumed) == decisions(whole)
     assert without_timings(resumed.records) == without_timings(whole.records)
-    final = [[e["eval_loss"] for e in fit.state.log_history if "eval_loss" in e][-1] for fit in (whole_fit, resumed_fit)]
+    final = [[e["eval_loss"] for e in fit.state.log_history if "eval_loss" in e][-1]
+             for fit in (whole_fit, resumed_fit)]
     assert final[0] == final[1]
 
 
