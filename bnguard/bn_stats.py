@@ -233,7 +233,7 @@ class BNStatsLogger(Hook):
         if overview is None or not trackers.is_main_process:
             return
         if trackers.wandb_run() is not None:
-            charts = {overview.metric: overview.accuracy_chart()} if accuracy else {}
+            charts = {overview.metric: overview.accuracy_chart()} if accuracy and overview.epochs else {}
             charts.update(overview.layer_charts() if layers else {})
             for name, chart in charts.items():
                 trackers.log_chart(f"{SECTION}/{name}", chart, state.step)

@@ -138,7 +138,7 @@ class Overview:
         W&B keeps every table it is given in memory, and takes seconds to build a large one)."""
         import wandb
 
-        every = -(-len(self.layer_steps) // CHART_POINTS)
+        every = max(1, -(-len(self.layer_steps) // CHART_POINTS))
         charts = {}
         for statistic, per_layer in self.layer_values.items():
             if per_layer:
