@@ -87,8 +87,7 @@ class EpochEvents:
             self._end_train_epoch()
         state = self.state
         self.runner.fire(Event.EPOCH_END)
-        self.records.append(plain({"epoch": state.epoch + 1, "step": state.step, **state.train_metrics,
-                                   **state.eval_metrics, **state.record}))
+        self.records.append(plain(state.epoch_record()))
         self.progress.epoch_open, self.progress.next_epoch = False, state.epoch + 1
 
     def state_dict(self) -> dict[str, Any]:

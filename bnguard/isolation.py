@@ -44,6 +44,18 @@ def preserved_rng() -> Iterator[None]:
         set_random_states(states)
 
 
+@contextmanager
+def preserved_modes(model: nn.Module | None) -> Iterator[None]:
+    """Puts every module of ``model`` back in the train / eval mode it had, whatever the block did (an
+    evaluation's ``model.train()`` at its end would otherwise unfreeze layers kept in eval mode)."""
+    modes = [(module, module.training) for module in model.modules()] if model is not None else []
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def isolated_iteration(make: Callable[[], Iterable[Any]]) -> Iterator[Any]:
     """Iterates ``make()`` (called at the first item) on a random stream of its own, which starts where the
     caller's stands: shuffles and augmentations inside draw as usual, and the caller's global random states

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .distributed import sum_over_processes
+from .isolation import preserved_modes
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -106,14 +107,10 @@ def evaluate_classifier(model: Any, loader: Any, accelerator: Any, loss_fn: Call
     """Eval-mode ``eval_loss`` and ``eval_<metric_name>`` over a prepared loader (``forward(model, batch)``
     gives the outputs; targets as :func:`batch_targets` finds them), each sample counted once across
     processes; every module's mode is restored."""
-    modes = [(module, module.training) for module in model.modules()]  # frozen layers stay in eval mode
-    model.eval()
     sums = MetricSums(accelerator.device)
-    try:
+    with preserved_modes(model):  # frozen layers stay in eval mode
+        model.eval()
         for batch in loader:
             logits, targets = accelerator.gather_for_metrics((logits_of(forward(model, batch)), batch_targets(batch)))
             sums.add(loss_fn(logits, targets), metric(logits, targets))
-    finally:
-        for module, training in modes:
-            module.training = training
     return sums.compute("eval", metric_name)

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .events import Event
-from .isolation import isolated_iteration, preserved_rng
+from .isolation import isolated_iteration, preserved_modes, preserved_rng
 from .layers import unwrap_model
 from .report import RecalibrationReport
 from .tracking import Trackers
@@ -97,13 +97,8 @@ class State:
         masks whether or not a hook re-evaluated."""
         if self._evaluate is None:
             raise RuntimeError(f"this loop gave its hooks no evaluate function: {self.evaluation_hint}")
-        modes = [(module, module.training) for module in self.model.modules()] if self.model is not None else []
-        try:
-            with preserved_rng():
-                return self._evaluate()
-        finally:
-            for module, training in modes:
-                module.training = training
+        with preserved_modes(self.model), preserved_rng():
+            return self._evaluate()
 
     def train_batches(self) -> Iterator[Any]:
         """Training batches for recalibration, drawn on a random stream of their own: the training data order
@@ -121,6 +116,11 @@ class State:
     def request_stop(self) -> None:
         """Asks the loop to stop after the current step."""
         self.should_stop = True
+
+    def epoch_record(self) -> dict[str, Any]:
+        """The record of the epoch just over, as ``metrics.jsonl`` holds it: epochs done, step, the train and
+        eval metrics, then the hooks' keys."""
+        return {"epoch": self.epoch + 1, "step": self.step, **self.train_metrics, **self.eval_metrics, **self.record}
 
     def state_dict(self) -> dict[str, int]:
         """Where the run is, for checkpoints: the epoch index and the global step."""

@@ -153,8 +153,7 @@ class BNGuardCallback(pl.Callback):
         state = self.runner.state
         self.runner.fire(Event.TRAIN_EPOCH_END, train_metrics={**state.train_metrics, **self._train.take()})
         self.runner.fire(Event.EPOCH_END)
-        self.records.append({"epoch": state.epoch + 1, "step": state.step, **state.train_metrics,
-                             **state.eval_metrics, **state.record})
+        self.records.append(state.epoch_record())
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def _evaluating(self, trainer: pl.Trainer) -> bool:

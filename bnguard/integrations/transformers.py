@@ -189,9 +189,7 @@ class BNGuardCallback(transformers.TrainerCallback):
     def _end_epoch(self) -> None:
         self._epoch_end_pending = self._in_epoch = False
         self.runner.fire(Event.EPOCH_END)
-        state = self.runner.state
-        self.records.append({"epoch": state.epoch + 1, "step": state.step, **state.train_metrics,
-                             **state.eval_metrics, **state.record})
+        self.records.append(self.runner.state.epoch_record())
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
