@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import types
 import warnings
@@ -12,7 +13,6 @@ from typing import Any, Iterator, Union
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 from tqdm.auto import tqdm
 
 from .accumulator import LayerAccumulator, LayerTotals, merge_processes
@@ -22,7 +22,9 @@ from .distributed import process_info, split_budget
 from .isolation import batchnorm_in_train_mode, interrupts_deferred, raise_if_interrupted
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
 from .report import LayerReport, RecalibrationReport
-from .validation import positive_int
+from .stopping import END_OF_DATA, TOLERANCE_MET, ErrorBounds, met
+from .recalibration_warnings import warn_instance_norm, warn_left_out, warn_ordered
+from .validation import fraction, positive_int
 
 Forward = Callable[[nn.Module, Any], Any]
 LayerSelection = Union[Iterable[nn.Module], Callable[[str, nn.Module], bool]]
@@ -32,6 +34,7 @@ def recalibrate(
     model: nn.Module,
     batches: Iterable[Any],
     *,
+    tolerance: float | None = None,
     num_samples: int | None = None,
     num_batches: int | None = None,
     forward: Forward | None = None,
@@ -60,8 +63,14 @@ def recalibrate(
     3. ``num_batches_tracked`` of a recalibrated layer afterwards holds the number of layer calls pooled into
        its statistics (over all processes), so a ``momentum=None`` layer that keeps training weighs the
        estimate as that many batches.
-    4. ``num_samples`` / ``num_batches`` are global budgets, shared out between processes; iteration stops at
-       whichever is reached first, the batch that reaches ``num_samples`` being used whole.
+    4. ``tolerance``: iteration stops as soon as every layer's estimated error bound is within it (checked
+       after 4 batches, then every eighth of the batches seen). The bound of a layer is the largest over its
+       channels of |mean error| / sqrt(var + eps) and |variance error| / (var + eps) against the statistics
+       of unlimited data, at 95% confidence for all channels together, estimated from the spread between
+       batches; it assumes batches drawn at random (a shuffled loader) and warns when they look ordered.
+       The report gives every layer's bound, the largest, and why iteration stopped.
+       ``num_samples`` / ``num_batches`` are global caps, shared out between processes; iteration stops at
+       whichever comes first, the batch that reaches ``num_samples`` being used whole.
     5. Distributed (``accelerator`` given, or a process group initialized): each process runs its own batches
        and the per-layer statistics are merged exactly in rank order, so every rank ends with bit-identical
        buffers. Every process must call this; an exception on one rank leaves the others waiting in the merge.
@@ -88,6 +97,7 @@ def recalibrate(
     if isinstance(batches, torch.Tensor):
         raise TypeError("batches is one tensor, which would be iterated sample by sample: pass an iterable of "
                         "batches, e.g. [tensor] or a DataLoader")
+    tolerance = fraction("tolerance", tolerance, optional=True)
     num_samples = positive_int("num_samples", num_samples, optional=True)
     num_batches = positive_int("num_batches", num_batches, optional=True)
     started = time.perf_counter()
@@ -96,7 +106,7 @@ def recalibrate(
     if any(t.is_meta for t in (*inner.parameters(), *inner.buffers())):
         raise ValueError("the model is on the meta device (its tensors hold no data): materialize it, e.g. with "
                          "model.to_empty(device=...) and its weights loaded, before recalibrating")
-    _warn_instance_norm(inner)
+    warn_instance_norm(inner)
     layers = list(batchnorm_layers(inner))
     if not layers:
         warnings.warn(f"{type(inner).__name__} has no BatchNorm layer: nothing to recalibrate", stacklevel=2)
@@ -120,17 +130,24 @@ def recalibrate(
     batch_budget = split_budget(num_batches, rank, world_size)
     bar = tqdm(desc="recalibrating BatchNorm", unit="batch", total=_expected_batches(batches, batch_budget),
                disable=not show_progress(progress, rank == 0), leave=False)
+    bounds = ErrorBounds(accumulators, world_size)
     with bar, _passes(inner, accumulators, keep_modes), torch.no_grad():
-        seen_batches, seen_samples = _run_passes(
-            inner, batches, forward, batch_budget, split_budget(num_samples, rank, world_size), bar
+        seen_batches, seen_samples, met_tolerance = _run_passes(
+            inner, batches, forward, (batch_budget, split_budget(num_samples, rank, world_size)), bar,
+            bounds if tolerance is not None else None, tolerance,
         )
         totals, all_batches, all_samples = merge_processes(accumulators, seen_batches, seen_samples, world_size)
     if all_batches == 0:
         raise ValueError("batches is empty: recalibration needs at least one batch of training data")
-    report = _write_statistics(layers, reasons, totals)
-    _warn_left_out(report)
+    layer_bounds, _ = bounds.of([totals[layer].spread for layer in accumulators], merged=True)
+    report = _write_statistics(layers, reasons, totals, dict(zip(accumulators, layer_bounds)))
+    warn_left_out(report)
+    warn_ordered([list(accumulators)[i] for i in bounds.ordered()], inner)
+    stopped = TOLERANCE_MET if met_tolerance else (
+        "num_batches reached" if num_batches is not None and all_batches >= num_batches else
+        "num_samples reached" if num_samples is not None and all_samples >= num_samples else END_OF_DATA)
     return RecalibrationReport(layers=report, batches=all_batches, samples=all_samples,
-                               seconds=time.perf_counter() - started)
+                               seconds=time.perf_counter() - started, tolerance=tolerance, stopped=stopped)
 
 
 def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection | None,
@@ -161,6 +178,9 @@ def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection 
     return reasons
 
 
+_STOCK_FORWARDS = (_BatchNorm.forward, SyncBatchNorm.forward)
+
+
 @contextmanager
 def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator], keep_modes: bool) -> Iterator[None]:
     """The recalibrated layers in train mode at momentum 1, each feeding its accumulator, the rest in eval
@@ -168,13 +188,16 @@ def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator], 
     momenta = {layer: layer.momentum for layer in accumulators}
     own_forward = {layer: layer.__dict__.get("forward") for layer in accumulators}
     handles = []
-    # Deferred before the try: a layer left at momentum 1 with its pre-hook would corrupt training.
+    # Deferred before the try: a layer left with its accumulator's forward or pre-hook would corrupt training.
     with batchnorm_in_train_mode(model, accumulators, others_eval=not keep_modes), interrupts_deferred():
         try:
             for layer, accumulator in accumulators.items():
+                if own_forward[layer] is None and type(layer).forward in _STOCK_FORWARDS:
+                    # SyncBatchNorm too: per-process statistics, merged exactly afterwards, no gloo refusal.
+                    layer.forward = accumulator.forward_of(layer)
+                    continue
                 layer.momentum = 1.0
                 if isinstance(layer, SyncBatchNorm):
-                    # Per-process statistics, merged exactly afterwards, and no CPU refusal under gloo.
                     layer.forward = types.MethodType(_BatchNorm.forward, layer)
                 handles.append(layer.register_forward_pre_hook(accumulator.before_call, with_kwargs=True))
             yield
@@ -194,29 +217,46 @@ def _run_passes(
     model: nn.Module,
     batches: Iterable[Any],
     forward: Forward,
-    batch_budget: int | None,
-    sample_budget: int | None,
+    budgets: tuple[int | None, int | None],
     bar: tqdm,
-) -> tuple[int, int]:
+    bounds: ErrorBounds | None,
+    tolerance: float | None,
+) -> tuple[int, int, bool]:
+    """Runs this process's batches until a cap, the end of its data or, with ``bounds``, the tolerance on
+    every process; returns its batch and sample counts and whether the tolerance was met."""
+    batch_budget, sample_budget = budgets
     seen_batches = seen_samples = 0
-    iterator = iter(batches)
-    while (batch_budget is None or seen_batches < batch_budget) and (
-        sample_budget is None or seen_samples < sample_budget
-    ):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
-        forward(model, batch)
-        raise_if_interrupted()  # a Ctrl-C held back during the pass stops here, everything restored
-        seen_batches += 1
-        seen_samples += batch_size(batch, required=sample_budget is not None)
-        bar.update()
-    return seen_batches, seen_samples
+    iterator, done = iter(batches), False
+    while True:
+        done = done or (batch_budget is not None and seen_batches >= batch_budget) or (
+            sample_budget is not None and seen_samples >= sample_budget)
+        if not done:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                done = True
+        if not done:
+            forward(model, batch)
+            raise_if_interrupted()  # a Ctrl-C held back during the pass stops here, everything restored
+            seen_batches += 1
+            seen_samples += batch_size(batch, required=sample_budget is not None)
+            bar.update()
+        if bounds is None or (done and bounds.world_size == 1):
+            if done:
+                return seen_batches, seen_samples, False
+            continue
+        step = max(seen_batches, bounds.next_check) if done else seen_batches  # done: wait at the next check
+        if bounds.due(step):
+            layer_bounds, everyone_done = bounds.check(step, done)
+            if met(layer_bounds, tolerance):  # type: ignore[arg-type]
+                return seen_batches, seen_samples, True
+            if everyone_done:
+                return seen_batches, seen_samples, False
 
 
 def _write_statistics(
-    layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], totals: dict[_BatchNorm, LayerTotals]
+    layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], totals: dict[_BatchNorm, LayerTotals],
+    bounds: dict[_BatchNorm, float | None],
 ) -> list[LayerReport]:
     """Stores the new statistics of every layer, all or none, and reports each layer."""
     reports: list[LayerReport | None] = []
@@ -227,7 +267,7 @@ def _write_statistics(
             continue
         seen = totals[layer]
         counts = {"name": name, "samples": seen.samples, "batches": seen.calls, "nonfinite_batches": seen.nonfinite,
-                  "one_value_batches": seen.one_value}
+                  "one_value_batches": seen.one_value, "error_bound": _finite_or_none(bounds[layer])}
         pooled_calls = seen.calls - seen.nonfinite
         if seen.calls == 0 or pooled_calls == 0:
             reason = "no batch with finite statistics" if seen.calls else (
@@ -252,26 +292,14 @@ def _write_statistics(
     return reports  # type: ignore[return-value]
 
 
+def _finite_or_none(bound: float | None) -> float | None:
+    return bound if bound is not None and math.isfinite(bound) else None
+
+
 def _store(layer: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: int) -> None:
     layer.running_mean.copy_(mean)
     layer.running_var.copy_(var)
     layer.num_batches_tracked.fill_(calls)
-
-
-def _warn_left_out(layers: list[LayerReport]) -> None:
-    one_value = [layer.name for layer in layers if layer.one_value_batches]
-    if one_value:
-        warnings.warn(f"{len(one_value)} BatchNorm layer(s) got batches with one value per channel (a batch of "
-                      f"one sample), which BatchNorm cannot normalize in train mode: left out, at {one_value[0]!r}"
-                      f"{' and others' if len(one_value) > 1 else ''}", stacklevel=3)
-    affected = [layer for layer in layers if layer.nonfinite_batches]
-    if affected:
-        worst = max(affected, key=lambda layer: layer.nonfinite_batches)
-        warnings.warn(
-            f"{len(affected)} BatchNorm layer(s) saw batches with non-finite statistics (NaN/Inf input), "
-            f"left out of the estimate: up to {worst.nonfinite_batches} batch(es), at {worst.name!r}",
-            stacklevel=3,
-        )
 
 
 def _forward_naming_keys(model: nn.Module, batch: Any) -> Any:
@@ -284,14 +312,6 @@ def _forward_naming_keys(model: nn.Module, batch: Any) -> Any:
         raise TypeError(f"{type(model).__name__} does not take this batch's keys {sorted(batch)} as keyword "
                         f"arguments ({error}): pass forward=, e.g. lambda model, batch: "
                         f"model(batch[{next(iter(batch))!r}])") from error
-
-
-def _warn_instance_norm(model: nn.Module) -> None:
-    tracking = [name for name, module in model.named_modules()
-                if isinstance(module, _InstanceNorm) and module.track_running_stats]
-    if tracking:
-        warnings.warn(f"InstanceNorm layers with running statistics are not recalibrated: {', '.join(tracking)}",
-                      stacklevel=3)
 
 
 def _expected_batches(batches: Iterable[Any], budget: int | None) -> int | None:

@@ -12,6 +12,9 @@ class LayerReport:
 
     ``mean_shift_*``: |new mean - old mean| in units of the new standard deviation, over channels.
     ``var_log_ratio_*``: |log(new variance / old variance)| over channels. Both are 0 for a skipped layer.
+    ``error_bound``: the estimated bound, at 95% confidence, on the largest over channels of the new
+    statistics' |mean error| / std and |variance error| / variance against those of unlimited data; None
+    for a skipped layer or one that got a single batch (no spread between batches to estimate it from).
     """
 
     MOVEMENT: ClassVar[tuple[str, ...]] = ("mean_shift_max", "mean_shift_mean", "var_log_ratio_max",
@@ -26,6 +29,7 @@ class LayerReport:
     mean_shift_mean: float = 0.0
     var_log_ratio_max: float = 0.0
     var_log_ratio_mean: float = 0.0
+    error_bound: float | None = None
     skipped: str | None = None
 
     @property
@@ -35,12 +39,22 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class RecalibrationReport:
-    """Per-layer outcomes plus totals; ``batches`` and ``samples`` count every process's data."""
+    """Per-layer outcomes plus totals; ``batches`` and ``samples`` count every process's data. ``stopped``
+    says why iteration ended: "tolerance met", "num_samples reached", "num_batches reached" or "end of data".
+    """
 
     layers: list[LayerReport] = field(default_factory=list)
     batches: int = 0
     samples: int = 0
     seconds: float = 0.0
+    tolerance: float | None = None
+    stopped: str = ""
+
+    @property
+    def error_bound(self) -> float | None:
+        """The largest of the recalibrated layers' bounds; None when one of them has none."""
+        bounds = [layer.error_bound for layer in self.recalibrated]
+        return max(bounds) if bounds and None not in bounds else None  # type: ignore[type-var]
 
     @property
     def recalibrated(self) -> list[LayerReport]:
@@ -55,15 +69,19 @@ class RecalibrationReport:
             "batches": self.batches,
             "samples": self.samples,
             "seconds": self.seconds,
+            "tolerance": self.tolerance,
+            "stopped": self.stopped,
+            "error_bound": self.error_bound,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
     def __str__(self) -> str:
-        header = ("layer", "samples", "shift max", "shift mean", "|log var| max", "|log var| mean", "note")
+        header = ("layer", "samples", "bound", "shift max", "shift mean", "|log var| max", "|log var| mean", "note")
         rows = [
             (
                 layer.name or "<model>",
                 str(layer.samples),
+                "-" if layer.error_bound is None else f"{layer.error_bound:.4f}",
                 f"{layer.mean_shift_max:.4f}",
                 f"{layer.mean_shift_mean:.4f}",
                 f"{layer.var_log_ratio_max:.4f}",
@@ -75,7 +93,9 @@ class RecalibrationReport:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = [
             f"Recalibrated {len(self.recalibrated)} of {len(self.layers)} BatchNorm layers "
-            f"from {self.batches} batches ({self.samples} samples) in {self.seconds:.2f} s"
+            f"from {self.batches} batches ({self.samples} samples) in {self.seconds:.2f} s; error bound "
+            f"{'-' if self.error_bound is None else f'{self.error_bound:.4f}'}"
+            f"{'' if self.tolerance is None else f' (tolerance {self.tolerance:g})'}, stopped: {self.stopped}"
         ]
         for row in [header, *rows]:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -30,9 +30,10 @@ def imports_with_blocked(modules, blocked):
 
 
 @pytest.mark.parametrize("modules, blocked", [
-    (["policy", "validation", "records"], ["torch", "numpy", "accelerate", "wandb"]),
-    (["stats"], ["accelerate", "wandb", "numpy", "tqdm"]),
-    (["recalibration", "accumulator", "report", "layers", "distributed", "batches", "isolation"],
+    (["policy", "validation", "records", "confidence"], ["torch", "numpy", "accelerate", "wandb"]),
+    (["stats", "spread"], ["accelerate", "wandb", "numpy", "tqdm"]),
+    (["recalibration", "accumulator", "report", "layers", "distributed", "batches", "isolation",
+      "stopping", "recalibration_warnings"],
      ["accelerate", "wandb", "tensorboard"]),
 ])
 def test_lower_layers_import_without_the_upper_ones(modules, blocked):

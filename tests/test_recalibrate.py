@@ -414,8 +414,33 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
+class OwnForwardBatchNorm(nn.BatchNorm2d):
+    """A subclass with a forward of its own, which recalibration feeds through a pre-hook at momentum 1."""
+
+    def forward(self, input):
+        return super().forward(input)
+
+
+def with_own_forward(model):
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = OwnForwardBatchNorm
+    return model
+
+
+def test_layers_with_a_forward_of_their_own_get_the_same_bits_as_stock_ones():
+    stock = tiny_resnet()
+    own = with_own_forward(copy.deepcopy(stock))
+    batches = [torch.randn(4, 1, 8, 8) + 3 for _ in range(70)]  # past one chunk of 64 rows
+    reports = [bnguard.recalibrate(model, batches, progress=False) for model in (stock, own)]
+    assert_same_tensors(buffers_of(stock), buffers_of(own))
+    assert [layer.error_bound for layer in reports[0].layers] == [layer.error_bound for layer in reports[1].layers]
+    assert all("forward" not in m.__dict__ and not m._forward_pre_hooks for m in own.modules())
+    assert all("forward" not in m.__dict__ for m in stock.modules())
+
+
 def test_ctrl_c_during_the_cleanup_of_the_passes_still_restores_every_layer(monkeypatch, ctrl_c_raises):
-    model = tiny_resnet().train()
+    model = with_own_forward(tiny_resnet()).train()
     before = buffers_of(model)
     momenta = [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     calls = _interrupt_on_call(monkeypatch, torch.utils.hooks.RemovableHandle, "remove")
@@ -424,7 +449,7 @@ def test_ctrl_c_during_the_cleanup_of_the_passes_still_restores_every_layer(monk
     assert len(calls) == 6  # every pre-hook was removed although the interrupt came at the first
     layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert [m.momentum for m in layers] == momenta
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in layers)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks and "forward" not in m.__dict__ for m in layers)
     assert all(m.training for m in model.modules())
     assert_same_tensors(before, buffers_of(model))
 

@@ -1,6 +1,7 @@
 """Real two-process gloo runs through Accelerate: every rank sees its own data, all end identical."""
 
 
+import pytest
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -86,3 +87,48 @@ def test_what_two_processes_pool_through_a_prepared_loader_and_through_training_
     bnguard.recalibrate(single, [x for r in ranks for x in r["mine"]], progress=False)
     torch.testing.assert_close(ranks[0]["buffers"]["1.running_var"], single[1].running_var, rtol=1e-6, atol=0)
     assert_same_tensors(ranks[0]["buffers"], ranks[1]["buffers"])
+
+
+def counted(batches: list[torch.Tensor], used: list[int]):
+    for batch in batches:
+        used[0] += 1
+        yield batch
+
+
+def tolerance_batches(rank: int, count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(200 + rank)
+    return [torch.randn(8, 1, 8, 8, generator=generator) * (1 + rank) for _ in range(count)]  # spreads differ
+
+
+def _stop_on_tolerance_on_each_rank(out_dir: str):
+    accelerator = Accelerator(cpu=True)
+    results = {}
+    # Enough data on both ranks; then so uneven that one rank runs dry long before the other.
+    for case, counts, tolerance in (("met", (200, 200), 0.3), ("uneven", (40, 7), 1e-4)):
+        model, used = make_model(sync=False), [0]
+        batches = tolerance_batches(accelerator.process_index, counts[accelerator.process_index])
+        report = bnguard.recalibrate(model, counted(batches, used), tolerance=tolerance, accelerator=accelerator,
+                                     progress=False)
+        results[case] = {"used": used[0], "batches": report.batches, "stopped": report.stopped,
+                         "bounds": [layer.error_bound for layer in report.recalibrated],
+                         "buffers": {k: v.clone() for k, v in model.named_buffers()}}
+    torch.save(results, f"{out_dir}/tolerance{accelerator.process_index}.pt")
+
+
+def test_two_processes_stop_on_the_tolerance_together_with_the_statistics_of_what_they_used(tmp_path):
+    launch_two_processes(_stop_on_tolerance_on_each_rank, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"tolerance{r}.pt") for r in (0, 1)]
+    met, uneven = ([r[case] for r in ranks] for case in ("met", "uneven"))
+    assert [r["stopped"] for r in met] == ["tolerance met"] * 2 and met[0]["used"] == met[1]["used"] < 200
+    assert [r["stopped"] for r in uneven] == ["end of data"] * 2 and [r["used"] for r in uneven] == [40, 7]
+    for case, counts in ((met, (200, 200)), (uneven, (40, 7))):
+        assert_same_tensors(case[0]["buffers"], case[1]["buffers"])
+        assert case[0]["bounds"] == case[1]["bounds"] and case[0]["batches"] == case[1]["batches"]
+        used = [tolerance_batches(r, n)[:case[r]["used"]] for r, n in enumerate(counts)]
+        single = make_model(sync=False)
+        report = bnguard.recalibrate(single, used[0] + used[1], progress=False)
+        assert report.batches == case[0]["batches"]
+        for name, expected in single.named_buffers():
+            torch.testing.assert_close(case[0]["buffers"][name], expected, rtol=1e-6, atol=1e-6)
+        got = [layer.error_bound for layer in report.recalibrated]
+        assert got == pytest.approx(case[0]["bounds"], rel=1e-6)
