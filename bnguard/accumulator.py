@@ -1,5 +1,5 @@
-"""Collecting each BatchNorm layer's per-call statistics during recalibration, and merging them across
-processes."""
+"""Collecting the BatchNorm layers' per-call statistics during recalibration, pooled for all layers at once,
+and merging them across processes."""
 
 from __future__ import annotations
 
@@ -15,6 +15,17 @@ from .spread import BatchSpread
 from .stats import Moments, pool_batches
 
 
+class Merged(NamedTuple):
+    """What every process saw, merged: each layer's totals, the moments and the spread of all channels
+    side by side, and the global batch and sample counts."""
+
+    totals: dict[_BatchNorm, LayerTotals]
+    moments: Moments
+    spread: BatchSpread
+    batches: int
+    samples: int
+
+
 class LayerTotals(NamedTuple):
     """Everything one layer saw: pooled moments, calls left out as non-finite, samples, calls, and calls
     left out because they held one value per channel."""
@@ -24,68 +35,28 @@ class LayerTotals(NamedTuple):
     samples: int
     calls: int
     one_value: int  # calls left out: one value per channel, which BatchNorm cannot train-normalize
-    spread: BatchSpread
 
 
-# One layer's totals travel between processes as a float64 vector: these scalars, then mean and M2.
-_SCALARS = ("count", "nonfinite", "samples", "calls", "one_value")
-# The gathered vector of one process starts with its global counts.
-_HEADER = ("batches", "samples")
+# Per layer, these counts travel between processes after the moments and the spread of all channels.
+_LAYER_COUNTS = ("nonfinite", "samples", "calls", "one_value")
 
 
-def _pack(moments: Moments, nonfinite: torch.Tensor, spread: BatchSpread, samples: int, calls: int,
-          one_value: int) -> torch.Tensor:
-    device = moments.mean.device
-    host = {"samples": samples, "calls": calls, "one_value": one_value}
-    scalars = {"count": moments.count, "nonfinite": nonfinite.double(),
-               **{name: torch.tensor(float(value), dtype=torch.float64, device=device) for name, value in host.items()}}
-    return torch.cat([torch.stack([scalars[name] for name in _SCALARS]), moments.mean, moments.m2,
-                      pack_spread(spread)])
+class LayerRows:
+    """One layer's calls: each computes its batch mean and unbiased variance with BatchNorm's own kernel, at
+    momentum 1, into a row of the layer's chunk, so the layer's real buffers are never touched.
 
-
-def _unpack(vector: torch.Tensor, channels: int) -> tuple[Moments, dict[str, torch.Tensor], BatchSpread]:
-    head, mean, m2, spread = vector.split([len(_SCALARS), channels, channels, vector.numel() - len(_SCALARS)
-                                           - 2 * channels])
-    scalars = dict(zip(_SCALARS, head))
-    return Moments(scalars["count"], mean, m2), scalars, unpack_spread(spread, channels)
-
-
-def pack_spread(spread: BatchSpread) -> torch.Tensor:
-    return torch.cat([part.flatten() for part in spread.astuple()])
-
-
-def unpack_spread(vector: torch.Tensor, channels: int) -> BatchSpread:
-    shapes = [part.shape for part in BatchSpread.empty(channels, "meta").astuple()]
-    parts = vector.split([shape.numel() for shape in shapes])
-    return BatchSpread(*(part.reshape(shape) for part, shape in zip(parts, shapes)))
-
-
-class LayerAccumulator:
-    """Collects one layer's per-call batch statistics with no device synchronization.
-
-    Every call computes its batch mean and unbiased variance with BatchNorm's own kernel, at momentum 1,
-    into a row of this object's chunk tensors, so the layer's real buffers are never touched. A stock
-    BatchNorm layer runs :meth:`forward_of` in place of its forward (no hook dispatch, no momentum or call
-    counter); a subclass with a forward of its own keeps it, fed by the pre-hook :meth:`before_call`. Full
-    chunks are pooled into float64 moments, and their rows summed into the layer's :class:`BatchSpread`.
+    A stock BatchNorm layer runs :meth:`forward_of` in place of its forward (no hook dispatch, no momentum or
+    call counter); a subclass with a forward of its own keeps it, fed by the pre-hook :meth:`before_call`.
     """
 
-    chunk = 64
-
-    def __init__(self, layer: _BatchNorm):
+    def __init__(self, layer: _BatchNorm, means: torch.Tensor, variances: torch.Tensor, flush: Callable[[], None]):
         buffer = layer.running_mean
-        self.means = torch.zeros(self.chunk, layer.num_features, dtype=buffer.dtype, device=buffer.device)
-        self.variances = torch.zeros_like(self.means)
+        self.means, self.variances = means, variances  # chunk x channels, possibly columns of shared tensors
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # row views, made once each, on first use
+        self.counts: list[int] = []  # elements per channel of each row written since the last flush
         self.calls = torch.zeros((), dtype=torch.long, device=buffer.device)
-        self.counts: list[int] = []
-        self.moments: Moments | None = None
-        self.nonfinite: torch.Tensor | None = None
-        self.spread = BatchSpread.empty(layer.num_features, buffer.device)
-        self.summed_rows = 0  # rows of the chunk already in the spread
-        self.samples = 0
-        self.batches = 0
-        self.one_value = 0
+        self.samples = self.batches = self.one_value = 0
+        self._flush = flush
         self._statistics = (layer.running_mean, layer.running_var)  # the layer's own, read in eval mode only
 
     def _next_row(self, layer: _BatchNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -94,8 +65,8 @@ class LayerAccumulator:
         if x.numel() == layer.num_features:
             self.one_value += 1
             return None
-        if len(self.counts) == self.chunk:  # every row written by now: pool them, free the rows
-            self.flush()
+        if len(self.counts) == len(self.means):  # every row written by now: pool all layers' rows
+            self._flush()
         self.counts.append(x.numel() // layer.num_features)
         self.samples += x.shape[0]
         self.batches += 1
@@ -123,88 +94,132 @@ class LayerAccumulator:
             layer._buffers["num_batches_tracked"] = self.calls
         return None
 
-    def sum_spread(self) -> BatchSpread:
-        """The spread of every call so far (rows not yet summed are summed now)."""
-        rows = len(self.counts)
-        if rows > self.summed_rows:
-            counts = torch.tensor(self.counts[self.summed_rows:], dtype=torch.float64)
-            self.spread = self.spread.add(counts.to(self.means.device, non_blocking=True),
-                                          self.means[self.summed_rows:rows], self.variances[self.summed_rows:rows])
-            self.summed_rows = rows
-        return self.spread
+
+class Accumulators:
+    """The per-call statistics of every recalibrated layer, collected with no device synchronization and
+    pooled for all layers' channels side by side: float64 moments and the :class:`BatchSpread`, whatever the
+    number of layers, in a few dozen tensor operations per chunk of calls."""
+
+    chunk = 64
+
+    def __init__(self, layers: list[_BatchNorm]):
+        self.layers = layers
+        buffer = layers[0].running_mean
+        self.device = buffer.device
+        widths = torch.tensor([layer.num_features for layer in layers])
+        self.index = torch.repeat_interleave(torch.arange(len(layers)), widths).to(self.device)  # channel's layer
+        self.bounds = torch.cat([torch.zeros(1, dtype=torch.long), widths.cumsum(0)]).tolist()
+        channels = self.bounds[-1]
+        self.eps = torch.tensor([layer.eps for layer in layers], dtype=torch.float64, device=self.device)[self.index]
+        # Layers alike in dtype and device write into columns of two shared tensors: pooled as they are.
+        self.shared = all(layer.running_mean.dtype == buffer.dtype and layer.running_mean.device == self.device
+                          for layer in layers)
+        self.means = torch.zeros(self.chunk, channels, dtype=buffer.dtype, device=self.device) if self.shared else None
+        self.variances = torch.zeros_like(self.means) if self.shared else None
+        self.of = {}
+        for layer, start, end in zip(layers, self.bounds, self.bounds[1:]):
+            if self.shared:
+                means, variances = self.means[:, start:end], self.variances[:, start:end]
+            else:
+                means = torch.zeros(self.chunk, layer.num_features, dtype=layer.running_mean.dtype,
+                                    device=layer.running_mean.device)
+                variances = torch.zeros_like(means)
+            self.of[layer] = LayerRows(layer, means, variances, self.flush)
+        self.moments = Moments.empty(channels, self.device)
+        self.nonfinite = torch.zeros(len(layers), dtype=torch.long, device=self.device)
+        self.spread = BatchSpread.empty(channels, self.device)
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows written since the last flush, all layers side by side: counts, means and variances
+        (R x C, float64), which entries to pool (R x C), and each layer's rows left out as non-finite (L)."""
+        rows = [self.of[layer] for layer in self.layers]
+        height = max(len(r.counts) for r in rows)
+        counts = torch.tensor([r.counts + [0] * (height - len(r.counts)) for r in rows], dtype=torch.float64)
+        counts = counts.to(self.device, non_blocking=True).t()
+        if self.shared:
+            means, variances = self.means[:height].double(), self.variances[:height].double()
+        else:
+            means = torch.cat([r.means[:height].to(self.device, torch.float64) for r in rows], dim=1)
+            variances = torch.cat([r.variances[:height].to(self.device, torch.float64) for r in rows], dim=1)
+        # A call is non-finite where the float64 sum of its layer's means and variances is (no overflow there).
+        sums = torch.zeros(height, len(rows), dtype=torch.float64, device=self.device).index_add_(
+            1, self.index, means + variances)
+        bad = ~torch.isfinite(sums) & (counts > 0)
+        valid = ((counts > 0) & ~bad)[:, self.index]
+        return counts[:, self.index], means, variances, valid, bad.sum(0)
 
     def flush(self, reuse_rows: bool = True) -> None:
-        rows = len(self.counts)
-        if rows == 0:
+        """Pools every row written so far into the moments and the spread, and frees the rows."""
+        if not any(self.of[layer].counts for layer in self.layers):
             return
-        self.sum_spread()
-        counts = torch.tensor(self.counts, dtype=torch.float64).to(self.means.device, non_blocking=True)
-        chunk, dropped = pool_batches(counts, self.means[:rows], self.variances[:rows])
-        self.moments = chunk if self.moments is None else self.moments.merge(chunk)
-        self.nonfinite = dropped if self.nonfinite is None else self.nonfinite + dropped
-        self.counts, self.summed_rows = [], 0
+        counts, means, variances, valid, dropped = self._rows()
+        self.moments = self.moments.merge(pool_batches(counts, means, variances, valid)[0])
+        self.spread = self.spread.add(counts, means, variances, valid)
+        self.nonfinite += dropped
+        for rows in self.of.values():
+            rows.counts = []
         if reuse_rows:  # momentum 1 computes 0 * old + batch: a NaN left in a row would poison its next call
-            self.means.zero_()
-            self.variances.zero_()
+            for tensor in [self.means, self.variances] if self.shared else [
+                    t for rows in self.of.values() for t in (rows.means, rows.variances)]:
+                tensor.zero_()
 
-    def finish(self) -> tuple[Moments, torch.Tensor, BatchSpread]:
-        """The pooled moments, the number of dropped (non-finite) calls and the spread of everything seen."""
-        self.flush(reuse_rows=False)
-        if self.moments is None:  # never called
-            device = self.means.device
-            return (Moments.empty(self.means.shape[1], device), torch.zeros((), dtype=torch.long, device=device),
-                    self.spread)
-        return self.moments, self.nonfinite, self.spread
+    def sum_spread(self) -> BatchSpread:
+        """The spread of every call so far, the rows not yet pooled included."""
+        if not any(self.of[layer].counts for layer in self.layers):
+            return self.spread
+        counts, means, variances, valid, _ = self._rows()
+        return self.spread.add(counts, means, variances, valid)
+
+    def counts(self) -> torch.Tensor:
+        """Per layer, this process's :data:`_LAYER_COUNTS` (L x 4, float64)."""
+        host = torch.tensor([[rows.samples, rows.batches, rows.one_value] for rows in self.of.values()],
+                            dtype=torch.float64).to(self.device, non_blocking=True)
+        return torch.cat([self.nonfinite.double()[:, None], host], dim=1)
 
 
-def merged_spreads(spreads: list[BatchSpread], flags: torch.Tensor, world_size: int
-                   ) -> tuple[list[BatchSpread], torch.Tensor]:
-    """Every process's spreads merged in rank order (bit-identical on all of them), and every process's
+def merged_spreads(spread: BatchSpread, flags: torch.Tensor, world_size: int) -> tuple[BatchSpread, torch.Tensor]:
+    """Every process's spread merged in rank order (bit-identical on all of them), and every process's
     ``flags`` (a float64 vector), one row per rank. One all_gather carries both."""
     if world_size == 1:
-        return spreads, flags[None]
-    local = [pack_spread(spread) for spread in spreads]
-    gathered = all_gather(torch.cat([flags, *local]), world_size)
-    sizes = [flags.numel(), *(part.numel() for part in local)]
-    per_rank = [vector.split(sizes) for vector in gathered]
-    merged = []
-    for index, spread in enumerate(spreads, start=1):
-        total = BatchSpread.empty(spread.shift.numel(), spread.shift.device)
-        for parts in per_rank:
-            total = total.merge(unpack_spread(parts[index], spread.shift.numel()))
-        merged.append(total)
-    return merged, torch.stack([parts[0] for parts in per_rank])
+        return spread, flags[None]
+    gathered = all_gather(torch.cat([flags, pack_spread(spread)]), world_size)
+    merged = BatchSpread.empty(spread.shift.numel(), spread.shift.device)
+    for vector in gathered:
+        merged = merged.merge(unpack_spread(vector[flags.numel():], spread.shift.numel()))
+    return merged, torch.stack([vector[:flags.numel()] for vector in gathered])
 
 
-def merge_processes(
-    accumulators: dict[_BatchNorm, LayerAccumulator], seen_batches: int, seen_samples: int, world_size: int
-) -> tuple[dict[_BatchNorm, LayerTotals], int, int]:
-    """Each layer's totals over every process, bit-identical on all of them, and the global batch and
-    sample counts. One all_gather carries everything."""
-    if world_size == 1:
-        finished = [accumulator.finish() for accumulator in accumulators.values()]
-        nonfinite = torch.stack([n for _, n, _ in finished]).tolist()  # one synchronization for all layers
-        totals = {layer: LayerTotals(moments, int(n), a.samples, a.batches, a.one_value, spread)
-                  for (layer, a), (moments, _, spread), n in zip(accumulators.items(), finished, nonfinite)}
-        return totals, seen_batches, seen_samples
-    local = [_pack(*a.finish(), a.samples, a.batches, a.one_value) for a in accumulators.values()]
-    counts = {"batches": seen_batches, "samples": seen_samples}
-    header = torch.tensor([float(counts[name]) for name in _HEADER], dtype=torch.float64, device=local[0].device)
-    gathered = all_gather(torch.cat([header, *local]), world_size)
-    sizes = [len(_HEADER), *(part.numel() for part in local)]
-    per_rank = [vector.split(sizes) for vector in gathered]  # [header, layer 0, layer 1, ...] per rank
-    merged_of, scalar_rows = {}, []
-    for index, layer in enumerate(accumulators, start=1):
-        moments, rank_scalars = Moments.empty(layer.num_features, local[0].device), []
-        spread = BatchSpread.empty(layer.num_features, local[0].device)
-        for parts in per_rank:  # rank order, so every process computes the same bits
-            rank_moments, scalars, rank_spread = _unpack(parts[index], layer.num_features)
-            moments, spread = moments.merge(rank_moments), spread.merge(rank_spread)
-            rank_scalars.append(torch.stack([scalars[name] for name in _SCALARS[1:]]))
-        merged_of[layer] = (moments, spread)
-        scalar_rows.append(torch.stack(rank_scalars).sum(dim=0))
-    sums = torch.stack(scalar_rows).tolist()  # one synchronization for every layer's counts
-    merged = {layer: LayerTotals(moments, *map(int, counts), spread)
-              for (layer, (moments, spread)), counts in zip(merged_of.items(), sums)}
-    summed = dict(zip(_HEADER, torch.stack([parts[0] for parts in per_rank]).sum(dim=0).tolist()))
-    return merged, int(summed["batches"]), int(summed["samples"])
+def pack_spread(spread: BatchSpread) -> torch.Tensor:
+    return torch.cat([part.flatten() for part in spread.astuple()])
+
+
+def unpack_spread(vector: torch.Tensor, channels: int) -> BatchSpread:
+    shapes = [part.shape for part in BatchSpread.empty(channels, "meta").astuple()]
+    parts = vector.split([shape.numel() for shape in shapes])
+    return BatchSpread(*(part.reshape(shape) for part, shape in zip(parts, shapes)))
+
+
+def merge_processes(accumulators: Accumulators, seen_batches: int, seen_samples: int, world_size: int) -> Merged:
+    """Everything every process saw, bit-identical on all of them. One all_gather carries it."""
+    accumulators.flush(reuse_rows=False)
+    moments, spread, counts = accumulators.moments, accumulators.spread, accumulators.counts()
+    header = torch.tensor([seen_batches, seen_samples], dtype=torch.float64, device=accumulators.device)
+    if world_size > 1:
+        local = [header, counts.flatten(), moments.count, moments.mean, moments.m2, pack_spread(spread)]
+        gathered = all_gather(torch.cat(local), world_size)
+        channels = moments.mean.numel()
+        moments, spread = Moments.empty(channels, accumulators.device), BatchSpread.empty(channels, accumulators.device)
+        header, counts = torch.zeros_like(header), torch.zeros_like(counts)
+        for vector in gathered:  # rank order, so every process computes the same bits
+            parts = vector.split([part.numel() for part in local])
+            header, counts = header + parts[0], counts + parts[1].reshape(counts.shape)
+            moments = moments.merge(Moments(*parts[2:5]))
+            spread = spread.merge(unpack_spread(parts[5], channels))
+    figures = torch.cat([header, counts.flatten()]).tolist()  # one synchronization for every layer's counts
+    totals = {}
+    for i, layer in enumerate(accumulators.layers):
+        start, end = accumulators.bounds[i], accumulators.bounds[i + 1]
+        layer_counts = figures[2 + 4 * i: 6 + 4 * i]
+        totals[layer] = LayerTotals(Moments(moments.count[start:end], moments.mean[start:end], moments.m2[start:end]),
+                                    *map(int, layer_counts))
+    return Merged(totals, moments, spread, int(figures[0]), int(figures[1]))

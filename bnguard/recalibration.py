@@ -15,13 +15,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from tqdm.auto import tqdm
 
-from .accumulator import LayerAccumulator, LayerTotals, merge_processes
+from .accumulator import Accumulators, Merged, merge_processes
 from .batches import batch_size, default_forward, to_device
 from .console import show_progress
 from .distributed import process_info, split_budget
 from .isolation import batchnorm_in_train_mode, interrupts_deferred, raise_if_interrupted
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
 from .report import LayerReport, RecalibrationReport
+from .stats import Moments
 from .stopping import END_OF_DATA, TOLERANCE_MET, ErrorBounds, met
 from .recalibration_warnings import warn_instance_norm, warn_left_out, warn_ordered
 from .validation import fraction, positive_int
@@ -117,14 +118,15 @@ def recalibrate(
     elif frozen is None:
         frozen = [layer for _, layer in layers if inner.training and not layer.training]
     reasons = _skip_reasons(layers, modules, {id(layer) for layer in frozen})
-    accumulators = {layer: LayerAccumulator(layer) for name, layer in layers if name not in reasons}
-    if not accumulators:
+    chosen = [layer for name, layer in layers if name not in reasons]
+    if not chosen:
         if modules is not None and "excluded" in reasons.values():
             warnings.warn(f"modules= selects none of the model's {len(layers)} BatchNorm layers: nothing "
                           "recalibrated", stacklevel=2)
         return RecalibrationReport([LayerReport(name=name, skipped=reasons[name]) for name, _ in layers])
 
-    device = next(iter(accumulators)).running_mean.device
+    accumulators = Accumulators(chosen)
+    device = accumulators.device
     if forward is None:
         forward = lambda module, batch: _forward_naming_keys(module, to_device(batch, device))  # noqa: E731
     batch_budget = split_budget(num_batches, rank, world_size)
@@ -136,13 +138,14 @@ def recalibrate(
             inner, batches, forward, (batch_budget, split_budget(num_samples, rank, world_size)), bar,
             bounds if tolerance is not None else None, tolerance,
         )
-        totals, all_batches, all_samples = merge_processes(accumulators, seen_batches, seen_samples, world_size)
+        merged = merge_processes(accumulators, seen_batches, seen_samples, world_size)
+    all_batches, all_samples = merged.batches, merged.samples
     if all_batches == 0:
         raise ValueError("batches is empty: recalibration needs at least one batch of training data")
-    layer_bounds, _ = bounds.of([totals[layer].spread for layer in accumulators], merged=True)
-    report = _write_statistics(layers, reasons, totals, dict(zip(accumulators, layer_bounds)))
+    layer_bounds, _ = bounds.of(merged.spread, merged=True)
+    report = _write_statistics(layers, reasons, merged, accumulators, dict(zip(chosen, layer_bounds)))
     warn_left_out(report)
-    warn_ordered([list(accumulators)[i] for i in bounds.ordered()], inner)
+    warn_ordered([chosen[i] for i in bounds.ordered()], inner)
     stopped = TOLERANCE_MET if met_tolerance else (
         "num_batches reached" if num_batches is not None and all_batches >= num_batches else
         "num_samples reached" if num_samples is not None and all_samples >= num_samples else END_OF_DATA)
@@ -182,30 +185,31 @@ _STOCK_FORWARDS = (_BatchNorm.forward, SyncBatchNorm.forward)
 
 
 @contextmanager
-def _passes(model: nn.Module, accumulators: dict[_BatchNorm, LayerAccumulator], keep_modes: bool) -> Iterator[None]:
+def _passes(model: nn.Module, accumulators: Accumulators, keep_modes: bool) -> Iterator[None]:
     """The recalibrated layers in train mode at momentum 1, each feeding its accumulator, the rest in eval
     mode unless ``keep_modes``; every change, and every buffer, restored whatever happens."""
-    momenta = {layer: layer.momentum for layer in accumulators}
-    own_forward = {layer: layer.__dict__.get("forward") for layer in accumulators}
+    momenta = {layer: layer.momentum for layer in accumulators.layers}
+    own_forward = {layer: layer.__dict__.get("forward") for layer in accumulators.layers}
     handles = []
     # Deferred before the try: a layer left with its accumulator's forward or pre-hook would corrupt training.
-    with batchnorm_in_train_mode(model, accumulators, others_eval=not keep_modes), interrupts_deferred():
+    with batchnorm_in_train_mode(model, accumulators.layers, others_eval=not keep_modes), interrupts_deferred():
         try:
-            for layer, accumulator in accumulators.items():
+            for layer, rows in accumulators.of.items():
                 if own_forward[layer] is None and type(layer).forward in _STOCK_FORWARDS:
                     # SyncBatchNorm too: per-process statistics, merged exactly afterwards, no gloo refusal.
-                    layer.forward = accumulator.forward_of(layer)
+                    layer.forward = rows.forward_of(layer)
                     continue
                 layer.momentum = 1.0
                 if isinstance(layer, SyncBatchNorm):
                     layer.forward = types.MethodType(_BatchNorm.forward, layer)
-                handles.append(layer.register_forward_pre_hook(accumulator.before_call, with_kwargs=True))
+                handles.append(layer.register_forward_pre_hook(rows.before_call, with_kwargs=True))
             yield
         finally:
             for handle in handles:
                 handle.remove()
             for layer, momentum in momenta.items():
-                layer.momentum = momentum
+                if layer.momentum != momentum:  # only the layers fed by a pre-hook ran at momentum 1
+                    layer.momentum = momentum
             for layer, method in own_forward.items():
                 if method is None:
                     layer.__dict__.pop("forward", None)
@@ -255,17 +259,18 @@ def _run_passes(
 
 
 def _write_statistics(
-    layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], totals: dict[_BatchNorm, LayerTotals],
+    layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], merged: Merged, accumulators: Accumulators,
     bounds: dict[_BatchNorm, float | None],
 ) -> list[LayerReport]:
     """Stores the new statistics of every layer, all or none, and reports each layer."""
-    reports: list[LayerReport | None] = []
-    movements, written, updates = [], [], []
+    reports: list[LayerReport] = []
+    movements = iter(_movements(merged.moments, accumulators))
+    updates = []
     for name, layer in layers:
         if name in reasons:
             reports.append(LayerReport(name=name, skipped=reasons[name]))
             continue
-        seen = totals[layer]
+        seen, movement = merged.totals[layer], next(movements)
         counts = {"name": name, "samples": seen.samples, "batches": seen.calls, "nonfinite_batches": seen.nonfinite,
                   "one_value_batches": seen.one_value, "error_bound": _finite_or_none(bounds[layer])}
         pooled_calls = seen.calls - seen.nonfinite
@@ -274,22 +279,28 @@ def _write_statistics(
                 "only batches of one value per channel" if seen.one_value else "saw no input")
             reports.append(LayerReport(**counts, skipped=reason))
             continue
-        new_mean, new_var = seen.moments.mean, seen.moments.variance(unbiased=True)
-        old_mean, old_var = layer.running_mean.double(), layer.running_var.double()
-        shift = (new_mean - old_mean).abs() / (new_var + layer.eps).sqrt()
-        log_ratio = ((new_var + layer.eps) / (old_var + layer.eps)).log().abs()
-        updates.append((layer, new_mean.to(layer.running_mean.dtype), new_var.to(layer.running_var.dtype),
-                        pooled_calls))
-        movements.append(torch.stack([shift.max(), shift.mean(), log_ratio.max(), log_ratio.mean()]))
-        written.append((len(reports), counts))
-        reports.append(None)
+        updates.append((layer, seen.moments.mean, seen.moments.variance(unbiased=True), pooled_calls))
+        reports.append(LayerReport(**counts, **dict(zip(LayerReport.MOVEMENT, movement))))
     with interrupts_deferred():  # a Ctrl-C here still lets every layer be written
         for update in updates:
             _store(*update)
-    if movements:  # one synchronization for every layer's numbers
-        for (index, counts), movement in zip(written, torch.stack(movements).tolist()):
-            reports[index] = LayerReport(**counts, **dict(zip(LayerReport.MOVEMENT, movement)))
-    return reports  # type: ignore[return-value]
+    return reports
+
+
+def _movements(moments: Moments, accumulators: Accumulators) -> list[list[float]]:
+    """Per recalibrated layer, how far the new statistics are from the old: the largest and the mean over
+    channels of |mean shift| / new std and of |log variance ratio|. All layers at once, one synchronization."""
+    layers, index, eps = accumulators.layers, accumulators.index, accumulators.eps
+    old_mean = torch.cat([layer.running_mean.to(accumulators.device, torch.float64) for layer in layers])
+    old_var = torch.cat([layer.running_var.to(accumulators.device, torch.float64) for layer in layers])
+    new_var = moments.variance(unbiased=True)
+    shift = (moments.mean - old_mean).abs() / (new_var + eps).sqrt()
+    log_ratio = ((new_var + eps) / (old_var + eps)).log().abs()
+    both = torch.stack([shift, log_ratio], dim=1)
+    largest = both.new_zeros(len(layers), 2).scatter_reduce_(0, index[:, None].expand(-1, 2), both, "amax",
+                                                             include_self=False)
+    mean = both.new_zeros(len(layers), 2).index_add_(0, index, both) / torch.bincount(index)[:, None]
+    return torch.stack([largest[:, 0], mean[:, 0], largest[:, 1], mean[:, 1]], dim=1).tolist()
 
 
 def _finite_or_none(bound: float | None) -> float | None:
@@ -297,7 +308,7 @@ def _finite_or_none(bound: float | None) -> float | None:
 
 
 def _store(layer: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: int) -> None:
-    layer.running_mean.copy_(mean)
+    layer.running_mean.copy_(mean)  # float64 to the buffer's dtype, rounding as .to() would
     layer.running_var.copy_(var)
     layer.num_batches_tracked.fill_(calls)
 

@@ -44,27 +44,36 @@ class BatchSpread:
         zeros = torch.zeros(channels, dtype=torch.float64, device=device)
         return cls(zeros, zeros, zeros.new_zeros(channels, 3), zeros.new_zeros(channels, 3, 3), zeros, zeros, zeros)
 
-    def add(self, counts: torch.Tensor, means: torch.Tensor, unbiased_vars: torch.Tensor) -> BatchSpread:
-        """With B more batches, in the order they came: ``counts`` (B) elements per channel, ``means`` and
-        ``unbiased_vars`` (B x C) as BatchNorm reports them. Batches with a non-finite value are left out."""
-        means, unbiased_vars, counts = means.double(), unbiased_vars.double(), counts.double()
-        finite = torch.isfinite(means).all(dim=1) & torch.isfinite(unbiased_vars).all(dim=1)
-        n = torch.where(finite, counts, 0.0)
-        shift = torch.where(self.batches > 0, self.shift, torch.where(finite.any(), means[finite.int().argmax()], 0.0))
-        d = torch.where(finite[:, None], means - shift, 0.0)
-        within = unbiased_vars * ((n - 1.0).clamp(min=0.0) / n.clamp(min=1.0))[:, None]
-        f = torch.stack([torch.ones_like(d), d, torch.where(finite[:, None], within + d.square(), 0.0)], dim=-1)
-        previous = torch.cat([self.last[None], means[:-1]])
-        had_previous = torch.cat([(self.batches[:1] > 0), finite[:-1]])
-        pair = (finite & had_previous)[:, None]
+    def add(self, counts: torch.Tensor, means: torch.Tensor, unbiased_vars: torch.Tensor,
+            valid: torch.Tensor | None = None) -> BatchSpread:
+        """With B more batches, in the order they came: ``counts`` (B, or B x C) elements per channel,
+        ``means`` and ``unbiased_vars`` (B x C) as BatchNorm reports them. ``valid`` (B x C) says which
+        entries are batches to add (by default the rows whose values are all finite)."""
+        means, unbiased_vars = means.double(), unbiased_vars.double()
+        if valid is None:
+            valid = (torch.isfinite(means).all(dim=1) & torch.isfinite(unbiased_vars).all(dim=1))[:, None]
+        valid = valid.expand_as(means)
+        n = torch.where(valid, counts.double().reshape(len(means), -1), 0.0)
+        taken = valid.sum(dim=0)
+        seen = taken > 0
+        # A first shift: the mean of these batch means, near the data, so the sums about it do not cancel.
+        start = torch.where(valid, means, 0.0).sum(dim=0) / taken.clamp(min=1)
+        shift = torch.where(self.batches > 0, self.shift, torch.where(seen, start, 0.0))
+        d = torch.where(valid, means - shift, 0.0)
+        r = torch.where(valid, unbiased_vars * ((n - 1.0).clamp(min=0.0) / n.clamp(min=1.0)) + d.square(), 0.0)
+        weighted = torch.stack([n.t(), (n * d).t(), (n * r).t()], dim=1)  # n_b f_b, C x 3 x B
+        steps = torch.cat([means[:1] - self.last[None], means[1:] - means[:-1]])
+        pair = valid & torch.cat([(self.batches > 0)[None], valid[:-1]])
+        rows = torch.arange(1, len(means) + 1, device=means.device)[:, None]
+        last_row = (valid * rows).amax(dim=0, keepdim=True).sub(1).clamp(min=0)
         return BatchSpread(
             shift=shift,
-            batches=self.batches + finite.sum(),
-            first=self.first + torch.einsum("b,bck->ck", n, f),
-            second=self.second + torch.einsum("b,bck,bcl->ckl", n.square(), f, f),
-            successive=self.successive + torch.where(pair, (means - previous).square(), 0.0).sum(dim=0),
-            pairs=self.pairs + pair.sum(),
-            last=torch.where(finite[-1], means[-1], self.last),
+            batches=self.batches + taken,
+            first=self.first + weighted.sum(dim=2),
+            second=self.second + torch.bmm(weighted, weighted.transpose(1, 2)),
+            successive=self.successive + torch.where(pair, steps.square(), 0.0).sum(dim=0),
+            pairs=self.pairs + pair.sum(dim=0),
+            last=torch.where(seen, means.gather(0, last_row)[0], self.last),
         )
 
     def shifted(self, shift: torch.Tensor) -> BatchSpread:
@@ -84,11 +93,6 @@ class BatchSpread:
         return BatchSpread(shift, mine.batches + theirs.batches, mine.first + theirs.first,
                            mine.second + theirs.second, mine.successive + theirs.successive,
                            mine.pairs + theirs.pairs, torch.where(other.batches > 0, other.last, self.last))
-
-    @staticmethod
-    def cat(spreads: list[BatchSpread]) -> BatchSpread:
-        """Several layers' spreads as one, channels end to end."""
-        return BatchSpread(*(torch.cat(parts) for parts in zip(*(spread.astuple() for spread in spreads))))
 
     def astuple(self) -> tuple[torch.Tensor, ...]:
         return (self.shift, self.batches, self.first, self.second, self.successive, self.pairs, self.last)

@@ -17,7 +17,7 @@ import torch
 class Moments:
     """Count, mean and M2 of a set of values, per channel, in float64.
 
-    ``count`` is a 0-dim tensor (values per channel); ``mean`` and ``m2`` have one entry per channel.
+    ``count`` (values seen), ``mean`` and ``m2`` have one entry per channel.
     """
 
     count: torch.Tensor
@@ -27,7 +27,7 @@ class Moments:
     @classmethod
     def empty(cls, num_channels: int, device: torch.device | str | None = None) -> Moments:
         zeros = torch.zeros(num_channels, dtype=torch.float64, device=device)
-        return cls(torch.zeros((), dtype=torch.float64, device=device), zeros, zeros.clone())
+        return cls(zeros, zeros.clone(), zeros.clone())
 
     @classmethod
     def of(cls, values: torch.Tensor, channel_dim: int = 1) -> Moments:
@@ -35,7 +35,7 @@ class Moments:
         x = values.double().movedim(channel_dim, 0).reshape(values.shape[channel_dim], -1)
         mean = x.mean(dim=1)
         m2 = (x - mean[:, None]).square().sum(dim=1)
-        return cls(torch.tensor(float(x.shape[1]), dtype=torch.float64, device=x.device), mean, m2)
+        return cls(torch.full_like(mean, float(x.shape[1])), mean, m2)
 
     def merge(self, other: Moments) -> Moments:
         """The moments of the union of both sets (Chan et al.); either side may be empty."""
@@ -52,21 +52,24 @@ class Moments:
 
 
 def pool_batches(
-    counts: torch.Tensor, means: torch.Tensor, unbiased_vars: torch.Tensor
+    counts: torch.Tensor, means: torch.Tensor, unbiased_vars: torch.Tensor, valid: torch.Tensor | None = None
 ) -> tuple[Moments, torch.Tensor]:
     """Pools per-batch statistics as BatchNorm reports them, leaving out batches that are not finite.
 
-    ``counts`` holds B element counts per channel, ``means`` and ``unbiased_vars`` are B x C. A batch
-    (row) with any non-finite mean or variance is dropped. Returns the pooled moments and the number of
-    dropped rows (a 0-dim tensor, so that no device synchronization is needed).
+    ``counts`` holds B element counts (or B x C, one per channel), ``means`` and ``unbiased_vars`` are
+    B x C. By default a batch (row) with any non-finite mean or variance is dropped; ``valid`` (B x C) says
+    instead which entries to pool. Returns the pooled moments and the number of rows of which no entry was
+    pooled (a 0-dim tensor, so that no device synchronization is needed).
     """
     means = means.double()
     unbiased_vars = unbiased_vars.double()
-    finite = torch.isfinite(means).all(dim=1) & torch.isfinite(unbiased_vars).all(dim=1)
-    n = torch.where(finite, counts.double(), 0.0)
-    means = torch.where(finite[:, None], means, 0.0)
-    m2_within = torch.where(finite[:, None], unbiased_vars * (n - 1.0).clamp(min=0.0)[:, None], 0.0)
-    count = n.sum()
-    mean = (n[:, None] * means).sum(dim=0) / count.clamp(min=1.0)
-    m2 = m2_within.sum(dim=0) + (n[:, None] * (means - mean).square()).sum(dim=0)
-    return Moments(count, mean, m2), (~finite).sum()
+    if valid is None:
+        finite = torch.isfinite(means).all(dim=1) & torch.isfinite(unbiased_vars).all(dim=1)
+        valid = finite[:, None].expand_as(means)
+    n = torch.where(valid, counts.double().reshape(len(means), -1), 0.0)
+    means = torch.where(valid, means, 0.0)
+    m2_within = torch.where(valid, unbiased_vars * (n - 1.0).clamp(min=0.0), 0.0)
+    count = n.sum(dim=0)
+    mean = (n * means).sum(dim=0) / count.clamp(min=1.0)
+    m2 = m2_within.sum(dim=0) + (n * (means - mean).square()).sum(dim=0)
+    return Moments(count, mean, m2), (~valid.any(dim=1)).sum()

@@ -7,7 +7,7 @@ import math
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .accumulator import LayerAccumulator, merged_spreads
+from .accumulator import Accumulators, merged_spreads
 from .confidence import CONFIDENCE, sidak_quantile, t_widening
 from .spread import BatchSpread
 
@@ -19,7 +19,7 @@ FIRST_CHECK, CHECK_GROWTH = 4, 8
 # A layer whose batch means change this little between consecutive batches, against their spread, is fed
 # an ordered stream (iid batches give about 1).
 ORDERED_BELOW, ORDERED_MIN_BATCHES = 0.25, 16
-NEWTON_STEPS = 8  # from Sidak's bound, within 1e-12 of the root in 5 steps in the tests
+MAX_STEPS = 60  # bisection alone would reach 1e-10 of the bracket in 34; Newton takes about 5
 
 
 class ErrorBounds:
@@ -28,18 +28,16 @@ class ErrorBounds:
     layer's channels together (:mod:`bnguard.confidence`). With several processes every rank merges the same figures and so decides the
     same; each check is one all_gather."""
 
-    def __init__(self, accumulators: dict[_BatchNorm, LayerAccumulator], world_size: int):
-        self.accumulators, self.world_size = list(accumulators.values()), world_size
-        layers = list(accumulators)
-        device = layers[0].running_mean.device
+    def __init__(self, accumulators: Accumulators, world_size: int):
+        self.accumulators, self.world_size = accumulators, world_size
+        layers = accumulators.layers
         self.channels = [layer.num_features for layer in layers]
-        self.eps = torch.cat([torch.full((layer.num_features,), layer.eps, dtype=torch.float64, device=device)
-                              for layer in layers])
-        self.index = torch.repeat_interleave(torch.arange(len(layers), device=device),
-                                             torch.tensor(self.channels, device=device))
-        self.starts = torch.tensor([0, *self.channels[:-1]], device=device).cumsum(0)
+        self.eps = accumulators.eps
+        self.index = accumulators.index
+        self.starts = torch.tensor(accumulators.bounds[:-1], device=accumulators.device)
         self.estimate_index = self.index.cpu().repeat(2)  # a mean and a variance per channel
         self.next_check = FIRST_CHECK
+        self.order: list[tuple[float, int]] = []
 
     def due(self, step: int) -> bool:
         return step >= self.next_check
@@ -47,15 +45,13 @@ class ErrorBounds:
     def check(self, step: int, done: bool) -> tuple[list[float | None], bool]:
         """Every layer's bound now, over all processes, and whether every process is ``done``."""
         self.next_check = step + max(1, step // CHECK_GROWTH)
-        spreads = [accumulator.sum_spread() for accumulator in self.accumulators]
-        return self.of(spreads, done)
+        return self.of(self.accumulators.sum_spread(), done)
 
-    def of(self, spreads: list[BatchSpread], done: bool = True, *, merged: bool = False
-           ) -> tuple[list[float | None], bool]:
-        """The bounds from ``spreads``, this process's (merged over processes here) unless ``merged``."""
+    def of(self, spread: BatchSpread, done: bool = True, *, merged: bool = False) -> tuple[list[float | None], bool]:
+        """The bounds from ``spread`` (all layers' channels), this process's (merged over processes here)
+        unless ``merged``."""
         flag = torch.tensor([float(done)], dtype=torch.float64, device=self.eps.device)
-        spreads, flags = merged_spreads(spreads, flag, 1 if merged else self.world_size)
-        whole = BatchSpread.cat(spreads)
+        whole, flags = merged_spreads(spread, flag, 1 if merged else self.world_size)
         layers = len(self.channels)
         order = torch.zeros(layers, dtype=torch.float64, device=self.eps.device).index_add_(
             0, self.index, whole.order_ratio().nan_to_num(1.0))
@@ -76,25 +72,39 @@ class ErrorBounds:
 
 def joint_bounds(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor) -> torch.Tensor:
     """Per layer, the B with prod_k P(|e_k| <= B) = 95% over its estimates k (``index`` gives each one's
-    layer), e_k normal with standard deviation ``errors`` times the layer's ``widening``; by Newton's method
-    on the sum of logs, from Sidak's bound (which is never below it). Infinite for unknown errors."""
+    layer), e_k normal with standard deviation ``errors`` times the layer's ``widening``, to a relative
+    1e-10. Infinite for unknown errors.
+
+    With G(B) = -sum_k log P(|e_k| <= B), the root of log G(B) = log(-log 95%) is bracketed by the bound of
+    the largest estimate alone and Sidak's bound (all estimates as large as the largest); Newton's method on
+    log G, nearly linear near the root where G itself falls like a Gaussian tail, falls back to bisection
+    whenever it would leave the bracket."""
     layers = widening.numel()
     scale = errors * widening[index]
-    unknown = torch.zeros(layers, dtype=torch.bool).index_put_((index,), ~torch.isfinite(scale), accumulate=True)
-    scale = torch.where(torch.isfinite(scale), scale, 1.0)
+    finite = torch.isfinite(scale)
+    unknown = torch.zeros(layers, dtype=torch.bool).index_put_((index,), ~finite, accumulate=True)
+    scale = torch.where(finite, scale, 0.0)
+    live = scale > 0  # an estimate without spread is exact and takes no part
+    safe = torch.where(live, scale, 1.0)
     top = torch.zeros(layers, dtype=torch.float64).scatter_reduce(0, index, scale, "amax", include_self=False)
-    counted = torch.zeros(layers, dtype=torch.float64).index_add_(0, index, torch.ones_like(scale))
-    high = torch.tensor([sidak_quantile(int(k)) if k else 0.0 for k in counted.tolist()], dtype=torch.float64) * top
-    low, bound, live = sidak_quantile(1) * top, high, scale > 0
-    for _ in range(NEWTON_STEPS):
-        x = torch.where(live, bound[index] / torch.where(live, scale, 1.0), torch.inf)
+    estimates = torch.bincount(index, minlength=layers).tolist()
+    low = sidak_quantile(1) * top
+    high = torch.tensor([sidak_quantile(k) if k else 0.0 for k in estimates], dtype=torch.float64) * top
+    target, bound = -math.log(CONFIDENCE), high
+    for _ in range(MAX_STEPS):
+        x = torch.where(live, bound[index] / safe, torch.inf)
         tail = 2 * torch.special.ndtr(-x)  # P(|Z| > x)
-        excess = torch.zeros(layers, dtype=torch.float64).index_add_(0, index, torch.log1p(-tail))
+        total = torch.zeros(layers, dtype=torch.float64).index_add_(0, index, -torch.log1p(-tail))
         density = torch.where(live, 2 * torch.exp(-x.square() / 2) / math.sqrt(2 * math.pi), 0.0)
-        slope = torch.zeros(layers, dtype=torch.float64).index_add_(
-            0, index, density / (torch.where(live, scale, 1.0) * (1 - tail)))
-        step = (excess - math.log(CONFIDENCE)) / slope.clamp(min=1e-300)
-        bound = torch.minimum(torch.maximum(bound - step, low), high)
+        slope = torch.zeros(layers, dtype=torch.float64).index_add_(0, index, density / (safe * (1 - tail)))
+        covered = total <= target
+        high, low = torch.where(covered, bound, high), torch.where(covered, low, bound)
+        newton = bound + (total.log() - math.log(target)) * total / slope  # -G / G' = total / slope
+        inside = (newton >= low) & (newton <= high)
+        step = torch.where(inside, newton, (low + high) / 2) - bound
+        bound = bound + step
+        if bool((step.abs() <= 1e-10 * bound).all()):
+            break
     return torch.where(unknown, torch.inf, torch.where(top > 0, bound, 0.0))
 
 

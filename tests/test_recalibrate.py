@@ -280,6 +280,31 @@ def test_a_layer_called_twice_pools_both_calls():
     assert report.layers[0].batches == 2 and report.layers[0].samples == 32
 
 
+def test_layers_of_different_dtypes_and_call_counts_pool_exactly_past_a_chunk():
+    class Mixed(nn.Module):  # a float32 layer called once per batch, a float64 one twice
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.BatchNorm1d(3), nn.BatchNorm1d(2).double()
+            self.mix = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.mix(self.first(x)).double()
+            return self.second(h) + self.second(h * 2 + 5)
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    batches = [torch.randn(3, 3) * 4 + 1 for _ in range(70)]  # 140 calls of the second layer: several chunks
+    reference = reference_statistics(model, batches)
+    report = bnguard.recalibrate(model, batches, progress=False)
+    assert model.second.running_var.dtype == torch.float64
+    assert_matches_reference(model, reference)
+    mean, var = reference["second"]
+    torch.testing.assert_close(model.second.running_mean, mean, rtol=0, atol=1e-12)  # float64 all the way
+    torch.testing.assert_close(model.second.running_var, var, rtol=1e-12, atol=0)
+    assert [layer.batches for layer in report.layers] == [70, 140]
+    assert model.second.num_batches_tracked.item() == 140
+
+
 def test_budgets_stop_at_whichever_comes_first():
     batches = [torch.randn(5, 2) for _ in range(10)]
     assert bnguard.recalibrate(nn.BatchNorm1d(2), batches, num_batches=3, progress=False).batches == 3

@@ -12,6 +12,7 @@ import bnguard
 from bnguard.confidence import sidak_quantile, t_widening, two_sided_t_quantile
 from bnguard.spread import BatchSpread
 from bnguard.stats import pool_batches
+from bnguard.stopping import joint_bounds
 from helpers import assert_same_tensors, buffers_of, tiny_resnet
 
 
@@ -49,9 +50,10 @@ def test_spreads_about_other_shifts_merge_exactly():
     counts, means, variances = random_batches()
     whole = BatchSpread.empty(3).add(counts, means, variances)
     halves = BatchSpread.empty(3).add(counts[:20], means[:20], variances[:20]).merge(
-        BatchSpread.empty(3).add(counts[20:], means[20:], variances[20:]))  # shifted by another batch's mean
-    assert torch.equal(halves.shift, whole.shift)
-    torch.testing.assert_close(halves.first, whole.first, rtol=1e-12, atol=1e-9)
+        BatchSpread.empty(3).add(counts[20:], means[20:], variances[20:]))  # sums about another shift
+    assert not torch.equal(halves.shift, whole.shift)
+    torch.testing.assert_close(halves.first, whole.shifted(halves.shift).first, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(halves.second, whole.shifted(halves.shift).second, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(halves.relative_errors(0.0), whole.relative_errors(0.0), rtol=1e-9, atol=0)
 
 
@@ -84,6 +86,42 @@ def test_t_quantiles_match_the_tables():
     assert sidak_quantile(1) == pytest.approx(1.959963984540054, rel=1e-12)
     assert t_widening(16, 31) * sidak_quantile(16) == pytest.approx(two_sided_t_quantile(0.95 ** (1 / 16), 30))
     assert t_widening(16, 1) == math.inf
+
+
+def exact_joint_bound(scales):
+    """The B with prod_k P(|Z| <= B / s_k) = 95%, by plain bisection on math.erfc."""
+    low, high = 0.0, 100 * max(scales)
+    for _ in range(200):
+        middle = (low + high) / 2
+        log_coverage = sum(math.log1p(-math.erfc(middle / s / math.sqrt(2))) for s in scales if s > 0)
+        low, high = (low, middle) if log_coverage >= math.log(0.95) else (middle, high)
+    return high
+
+
+@pytest.mark.parametrize("kind", ["alike", "lognormal", "one dominates", "two scales"])
+def test_joint_bounds_are_the_exact_95_percent_root(kind):
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1, 16, 300, 2000]
+    count = sum(sizes)
+    errors = {
+        "alike": torch.rand(count, generator=generator, dtype=torch.float64) + 0.5,
+        "lognormal": (torch.randn(count, generator=generator, dtype=torch.float64) * 1.5).exp(),
+        "one dominates": torch.rand(count, generator=generator, dtype=torch.float64) * 1e-3 + torch.tensor(
+            sum(([1.0] + [0.0] * (n - 1) for n in sizes), []), dtype=torch.float64),
+        "two scales": torch.where(torch.rand(count, generator=generator) < 0.1, 1.0, 0.3).double(),
+    }[kind]
+    index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    widening = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+    bounds = joint_bounds(errors, index, widening)
+    exact = [exact_joint_bound((errors[index == i] * widening[i]).tolist()) for i in range(len(sizes))]
+    torch.testing.assert_close(bounds, torch.tensor(exact, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+def test_joint_bounds_of_exact_and_unknown_estimates():
+    errors = torch.tensor([0.0, 0.0, 0.5, 0.0, math.inf, 1.0], dtype=torch.float64)
+    bounds = joint_bounds(errors, torch.tensor([0, 0, 1, 1, 2, 2]), torch.ones(3, dtype=torch.float64))
+    assert bounds[0] == 0 and bounds[2] == math.inf
+    assert bounds[1].item() == pytest.approx(0.5 * two_sided_t_quantile(0.95, 10**9), rel=1e-6)
 
 
 def coverage(make_batch, layer, mean, var, tolerance, runs=200):
