@@ -23,7 +23,7 @@ from .isolation import batchnorm_in_train_mode, interrupts_deferred, raise_if_in
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
 from .report import LayerReport, RecalibrationReport
 from .stats import Moments
-from .stopping import END_OF_DATA, TOLERANCE_MET, ErrorBounds, met
+from .stopping import END_OF_DATA, TOLERANCE_MET, ErrorBounds
 from .recalibration_warnings import warn_instance_norm, warn_left_out, warn_ordered
 from .validation import fraction, positive_int
 
@@ -65,10 +65,10 @@ def recalibrate(
        its statistics (over all processes), so a ``momentum=None`` layer that keeps training weighs the
        estimate as that many batches.
     4. ``tolerance``: iteration stops as soon as every layer's estimated error bound is within it (checked
-       after 4 batches, then every eighth of the batches seen). The bound of a layer is the largest over its
-       channels of |mean error| / sqrt(var + eps) and |variance error| / (var + eps) against the statistics
-       of unlimited data, at 95% confidence for all channels together, estimated from the spread between
-       batches; it assumes batches drawn at random (a shuffled loader) and warns when they look ordered.
+       after 4 batches, every second batch up to 16, then every eighth of the batches seen). The bound of a
+       layer is the largest over its channels of |mean error| / sqrt(var + eps) and |variance error| /
+       (var + eps) against the statistics of unlimited data, at 95% confidence for all channels together,
+       estimated from the spread between batches; it assumes batches drawn at random (a shuffled loader) and warns when they look ordered.
        The report gives every layer's bound, the largest, and why iteration stopped.
        ``num_samples`` / ``num_batches`` are global caps, shared out between processes; iteration stops at
        whichever comes first, the batch that reaches ``num_samples`` being used whole.
@@ -142,7 +142,7 @@ def recalibrate(
     all_batches, all_samples = merged.batches, merged.samples
     if all_batches == 0:
         raise ValueError("batches is empty: recalibration needs at least one batch of training data")
-    layer_bounds, _ = bounds.of(merged.spread, merged=True)
+    layer_bounds = bounds.of(merged.spread, merged=True)
     report = _write_statistics(layers, reasons, merged, accumulators, dict(zip(chosen, layer_bounds)))
     warn_left_out(report)
     warn_ordered([chosen[i] for i in bounds.ordered()], inner)
@@ -251,8 +251,8 @@ def _run_passes(
             continue
         step = max(seen_batches, bounds.next_check) if done else seen_batches  # done: wait at the next check
         if bounds.due(step):
-            layer_bounds, everyone_done = bounds.check(step, done)
-            if met(layer_bounds, tolerance):  # type: ignore[arg-type]
+            within, everyone_done = bounds.check(step, done, tolerance)  # type: ignore[arg-type]
+            if within:
                 return seen_batches, seen_samples, True
             if everyone_done:
                 return seen_batches, seen_samples, False

@@ -19,6 +19,7 @@ exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -97,8 +98,10 @@ class BatchSpread:
     def astuple(self) -> tuple[torch.Tensor, ...]:
         return (self.shift, self.batches, self.first, self.second, self.successive, self.pairs, self.last)
 
+    @cached_property
     def _centered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pooled features F = S1 / N = (1, D, R) and sum n_b^2 (f_b - F)(f_b - F)^T."""
+        """The pooled features F = S1 / N = (1, D, R) and sum n_b^2 (f_b - F)(f_b - F)^T (computed once: both
+        the errors and the order ratio need them)."""
         moments = self.first / self.first[:, :1].clamp(min=1.0)
         outer = moments[:, :, None] * self.second[:, None, :, 0]
         centered = (self.second - outer - outer.transpose(1, 2)
@@ -109,7 +112,7 @@ class BatchSpread:
         """Per channel, the standard errors of the pooled mean over sqrt(V + eps) and of the pooled variance
         over V + eps. Infinite below two batches."""
         n, b = self.first[:, 0], self.batches
-        moments, centered = self._centered()
+        moments, centered = self._centered
         d = moments[:, 1]
         variance = (moments[:, 2] - d.square()).clamp(min=0.0) * n / (n - 1.0).clamp(min=1.0)
         influence = torch.stack([torch.zeros_like(d), -2 * d, torch.ones_like(d)], dim=-1)  # of q_b, per f_b
@@ -122,6 +125,6 @@ class BatchSpread:
     def order_ratio(self) -> torch.Tensor:
         """Per channel, the mean squared difference of consecutive batch means over twice their variance:
         about 1 for batches in random order, near 0 when each batch resembles the one before."""
-        _, centered = self._centered()
+        _, centered = self._centered
         spread = centered[:, 1, 1] / self.second[:, 0, 0].clamp(min=1.0)
         return self.successive / self.pairs.clamp(min=1.0) / (2 * spread)
