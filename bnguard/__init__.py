@@ -15,12 +15,14 @@ from .records import RecordKeys
 from .report import LayerReport, RecalibrationReport
 from .run_dir import shared_output_dir
 from .state import State
+from .stopping import HOOK_TOLERANCE
 from .tracking import Trackers, start_trackers
 from .train_step import loss_from_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HOOK_TOLERANCE",
     "AutoRecalibrate",
     "BNStatsLogger",
     "Decision",

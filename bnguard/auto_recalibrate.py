@@ -21,7 +21,8 @@ from .probe import Score, probe
 from .recalibration import Forward, recalibrate
 from .records import RecordKeys
 from .state import NO_TRAIN_BATCHES, State
-from .validation import positive_int
+from .stopping import HOOK_TOLERANCE
+from .validation import fraction, positive_int
 
 NOTHING_TO_RECALIBRATE = "nothing to recalibrate: the model has no BatchNorm layer with running statistics"
 
@@ -29,8 +30,9 @@ NOTHING_TO_RECALIBRATE = "nothing to recalibrate: the model has no BatchNorm lay
 class AutoRecalibrate(Hook):
     """After each evaluation, asks a :class:`~bnguard.DivergencePolicy` whether the eval metric (eval mode,
     running statistics) has diverged from the train metric or fallen below its best; when it has, recalibrates
-    the BatchNorm statistics on up to ``num_samples`` training samples, re-evaluates, keeps the new statistics,
-    and records the verdict: stale statistics, or a gap they do not explain (after which it backs off).
+    the BatchNorm statistics (to ``tolerance``, on at most ``num_samples`` training samples, as
+    :class:`~bnguard.PreciseBN`), re-evaluates, keeps the new statistics, and records the verdict: stale
+    statistics, or a gap they do not explain (after which it backs off).
 
     ``monitor`` names the watched metric (``train_<monitor>`` / ``eval_<monitor>``); set
     ``higher_is_better=False`` for a loss. The thresholds are the policy's (see its docstring).
@@ -47,28 +49,16 @@ class AutoRecalibrate(Hook):
 
     acts_at_evaluation = True
 
-    def __init__(
-        self,
-        *,
-        monitor: str = "acc",
-        higher_is_better: bool = True,
-        gap_threshold: float = 0.05,
-        drop_threshold: float = 0.03,
-        patience: int = 1,
-        recovery_margin: float = 0.01,
-        max_cooldown: int = 8,
-        num_samples: int = 4096,
-        probe_samples: int | None = None,
-        probe_score: Score = batch_accuracy,
-        report_only: bool = False,
-        include_frozen: bool = False,
-        target: Target = None,
-        alert_every_s: float = 3600.0,
-    ):
+    def __init__(self, *, monitor: str = "acc", higher_is_better: bool = True, gap_threshold: float = 0.05,
+                 drop_threshold: float = 0.03, patience: int = 1, recovery_margin: float = 0.01,
+                 max_cooldown: int = 8, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
+                 probe_samples: int | None = None, probe_score: Score = batch_accuracy, report_only: bool = False,
+                 include_frozen: bool = False, target: Target = None, alert_every_s: float = 3600.0):
         self.policy = DivergencePolicy(monitor=monitor, higher_is_better=higher_is_better,
                                        gap_threshold=gap_threshold, drop_threshold=drop_threshold,
                                        patience=patience, recovery_margin=recovery_margin, max_cooldown=max_cooldown)
         self.monitor, self.report_only, self.alert_every_s = monitor, report_only, alert_every_s
+        self.tolerance = fraction("tolerance", tolerance, optional=True)
         self.num_samples = positive_int("num_samples", num_samples)
         self.probe_samples = positive_int("probe_samples", probe_samples, optional=True)
         self.probe_score, self.include_frozen, self.target = probe_score, include_frozen, target
@@ -113,8 +103,8 @@ class AutoRecalibrate(Hook):
                      batches: Iterable[Any], accelerator: Any, **how: Any) -> Decision:
         started = time.perf_counter()
         previous = saved_statistics(model)
-        report = recalibrate(model, batches, num_samples=self.num_samples, accelerator=accelerator,
-                             include_frozen=self.include_frozen, progress=False, **how)
+        report = recalibrate(model, batches, tolerance=self.tolerance, num_samples=self.num_samples,
+                             accelerator=accelerator, include_frozen=self.include_frozen, progress=False, **how)
         if (why_not := nothing_recalibrated(report)) is not None:  # statistics as they were: nothing to judge
             self._warn_once("nothing", f"AutoRecalibrate recalibrated nothing in {type(model).__name__}: "
                             f"{why_not}; include_frozen=True recalibrates frozen layers too")

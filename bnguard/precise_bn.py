@@ -11,14 +11,17 @@ from .hooks import Hook
 from .recalibration import recalibrate
 from .records import RecordKeys
 from .state import NO_TRAIN_BATCHES, State
-from .validation import positive_int
+from .stopping import HOOK_TOLERANCE
+from .validation import fraction, positive_int
 
 
 class PreciseBN(Hook):
-    """Recalibrates the BatchNorm statistics on up to ``num_samples`` training samples before every
-    ``every_n_evals``-th evaluation (at EVAL_START), so that those evaluations see statistics estimated for
-    the weights being evaluated. Records ``recalibrated``, ``reason``, ``recal_seconds`` and
-    ``recal_samples`` (see :class:`~bnguard.RecordKeys`) for every evaluation.
+    """Recalibrates the BatchNorm statistics before every ``every_n_evals``-th evaluation (at EVAL_START), so
+    that those evaluations see statistics estimated for the weights being evaluated: on training samples until
+    every layer's error bound is within ``tolerance`` (see :func:`~bnguard.recalibrate`), at most
+    ``num_samples`` of them; ``tolerance=None`` takes ``num_samples`` whatever the precision. Records
+    ``recalibrated``, ``reason``, ``recal_seconds`` and ``recal_samples`` (see :class:`~bnguard.RecordKeys`)
+    for every evaluation.
 
     Unlike :class:`~bnguard.AutoRecalibrate` it does not look at the metrics first: it costs a recalibration
     per scheduled evaluation and never lets stale statistics reach one. BatchNorm layers that were not
@@ -29,9 +32,10 @@ class PreciseBN(Hook):
 
     acts_at_evaluation = True
 
-    def __init__(self, every_n_evals: int = 1, *, num_samples: int = 4096, include_frozen: bool = False,
-                 target: Target = None):
+    def __init__(self, every_n_evals: int = 1, *, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
+                 include_frozen: bool = False, target: Target = None):
         self.every_n_evals = positive_int("every_n_evals", every_n_evals)
+        self.tolerance = fraction("tolerance", tolerance, optional=True)
         self.num_samples = positive_int("num_samples", num_samples)
         self.include_frozen, self.target, self._frozen = include_frozen, target, FrozenDuringTraining()
         self.evaluations = 0
@@ -54,7 +58,7 @@ class PreciseBN(Hook):
             return
         started = time.perf_counter()
         model, frozen = recalibration_target(self.target, state, self._frozen)
-        report = recalibrate(model, state.train_batches(), num_samples=self.num_samples,
+        report = recalibrate(model, state.train_batches(), tolerance=self.tolerance, num_samples=self.num_samples,
                              accelerator=state.accelerator, frozen=frozen, forward=state.forward,
                              include_frozen=self.include_frozen, progress=False)
         seconds = time.perf_counter() - started

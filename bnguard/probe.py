@@ -22,9 +22,9 @@ Score = Callable[[Any, Any], torch.Tensor]
 def probe(model: nn.Module, batches: Iterable[Any], score: Score, *, num_samples: int, accelerator: Any = None,
           forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[float, float]:
     """Mean per-sample ``score(outputs, batch)`` on up to ``num_samples`` training samples (over all
-    processes: the ``accelerator``'s, else the default process group's), first in eval mode, then with the BatchNorm layers normalizing with batch statistics (every
-    other module in eval mode), the model run by ``forward(model, batch)`` (default: as :func:`recalibrate`
-    does). Buffers, modes and random states are left exactly as they were."""
+    processes: the ``accelerator``'s, else the default process group's), first in eval mode, then with the
+    BatchNorm layers normalizing with batch statistics (every other module in eval mode), the model run by
+    ``forward(model, batch)`` (default: as :func:`recalibrate` does). Buffers, modes and random states are left exactly as they were."""
     model = unwrap_model(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layers = [layer for _, layer in batchnorm_layers(model) if tracks_statistics(layer)]

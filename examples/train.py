@@ -65,13 +65,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", help="checkpoint folder to resume from, or 'latest' (in --output-dir)")
     p.add_argument("--checkpoint-every", type=int, default=4, help="save a checkpoint every N epochs and at the end")
     p.add_argument("--hist-every", type=int, default=50, help="BN histogram logging interval in steps")
+    p.add_argument("--recal-tolerance", type=tolerance, default=bnguard.HOOK_TOLERANCE,
+                   help="stop each recalibration once every BatchNorm layer's 95%% error bound is within this "
+                        f"(default {bnguard.HOOK_TOLERANCE:g}); 'off': always take --recal-samples")
+    p.add_argument("--recal-samples", type=int, default=4096,
+                   help="most training samples one recalibration takes (default 4096; at most one pass)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "width", "image_size", "hist_every", "checkpoint_every"):
+    for name in ("epochs", "batch_size", "width", "image_size", "hist_every", "checkpoint_every", "recal_samples"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.compare and args.resume:
         p.error("--compare starts two fresh runs; --resume continues one: use them separately")
     return args
+
+
+def tolerance(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'off', got {text!r}")
+    return value
 
 
 def load_data(args):
@@ -98,8 +115,9 @@ def build_model(args, channels: int, classes: int) -> nn.Module:
 def hooks_for(mode: str, args) -> list[bnguard.Hook]:
     if mode == "off":
         return []
-    repair = {"auto": bnguard.AutoRecalibrate(), "always": bnguard.PreciseBN(),
-              "monitor": bnguard.AutoRecalibrate(report_only=True)}[mode]
+    budget = {"tolerance": args.recal_tolerance, "num_samples": args.recal_samples}
+    repair = {"auto": bnguard.AutoRecalibrate(**budget), "always": bnguard.PreciseBN(**budget),
+              "monitor": bnguard.AutoRecalibrate(report_only=True, **budget)}[mode]
     return [bnguard.BNStatsLogger(every_n_steps=args.hist_every), repair]
 
 

@@ -67,6 +67,19 @@ def test_stale_statistics_trigger_a_recalibration_equal_to_recalibrate_alone():
     assert_same_tensors(buffers_of(expected), buffers_of(model))
 
 
+def test_by_default_it_stops_at_the_hooks_tolerance():
+    model, _ = trained_model_with_stale_statistics()
+    batches = list(DataLoader(toy_data(1024), batch_size=16))
+    expected = copy.deepcopy(model)
+    report = bnguard.recalibrate(expected, batches, tolerance=bnguard.HOOK_TOLERANCE, num_samples=4096,
+                                 progress=False)
+    decision = AutoRecalibrate().check(model, eval_value=0.1, train_value=0.9, evaluate=lambda: {"eval_acc": 0.9},
+                                       batches=batches)
+    assert decision.recalibrated and decision.report.stopped == "tolerance met"
+    assert decision.samples == report.samples < 1024
+    assert_same_tensors(buffers_of(expected), buffers_of(model))
+
+
 def test_stale_statistics_in_the_loop_are_recalibrated_and_recorded(tmp_path, capsys):
     loop = toy_loop(tmp_path, hooks=[AutoRecalibrate()], epochs=2, n_train=64, n_eval=64)
     freeze_statistics(loop)
@@ -188,7 +201,9 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize("kwargs, message", [({"max_cooldown": 0}, "max_cooldown must be"),
                                              ({"patience": 0}, "patience must be"),
-                                             ({"num_samples": -5}, "num_samples must be")])
+                                             ({"num_samples": -5}, "num_samples must be"),
+                                             ({"tolerance": 0}, r"tolerance must be a number in \(0, 1\] or None"),
+                                             ({"tolerance": 1.5}, "tolerance must be")])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AutoRecalibrate(**kwargs)
@@ -217,7 +232,8 @@ def test_two_processes_make_identical_decisions(tmp_path):
     strip = lambda h: [{k: v for k, v in d.items() if k != "seconds"} for d in h]  # noqa: E731
     assert strip(rank0["history"]) == strip(rank1["history"])
     assert [d["recalibrated"] for d in rank0["history"]] == [True, True]
-    assert rank0["history"][0]["samples"] == 64  # both ranks' shares of the budget
+    # at the hooks' tolerance, decided on merged figures: both ranks stopped at the check after 6 batches of 4
+    assert rank0["history"][0]["samples"] == 48
     assert_same_tensors(rank0["buffers"], rank1["buffers"])
 
 

@@ -66,7 +66,30 @@ def test_needs_training_batches():
         runner.fire("on_fit_start")
 
 
-@pytest.mark.parametrize("kwargs, error", [({"every_n_evals": 0}, ValueError), ({"num_samples": 2.5}, TypeError)])
+def test_the_default_tolerance_stops_early_with_the_statistics_recalibrate_gives(tmp_path):
+    snapshot = Snapshot()
+    loop = toy_loop(tmp_path, hooks=[PreciseBN(), snapshot], epochs=1, n_train=1024, batch_size=16)
+    loop.fit()
+    [row] = records(tmp_path)
+    assert 0 < row["recal_samples"] < 1024
+    expected = snapshot.after_training
+    loop.train_batches.draws -= 1
+    report = bnguard.recalibrate(expected, loop.train_batches(), tolerance=bnguard.HOOK_TOLERANCE,
+                                 num_samples=4096, progress=False)
+    assert (report.samples, report.stopped) == (row["recal_samples"], "tolerance met")
+    assert report.error_bound <= bnguard.HOOK_TOLERANCE
+    assert_same_tensors(buffers_of(expected), snapshot.at_eval[-1])
+
+
+@pytest.mark.parametrize("tolerance, cap, samples", [(None, 4096, 1024), (None, 200, 208), (1e-6, 4096, 1024)])
+def test_without_a_reachable_tolerance_the_cap_or_the_pass_decides(tmp_path, tolerance, cap, samples):
+    toy_loop(tmp_path, hooks=[PreciseBN(tolerance=tolerance, num_samples=cap)], epochs=1, n_train=1024,
+             batch_size=16).fit()
+    assert records(tmp_path)[0]["recal_samples"] == samples
+
+
+@pytest.mark.parametrize("kwargs, error", [({"every_n_evals": 0}, ValueError), ({"num_samples": 2.5}, TypeError),
+                                           ({"tolerance": 0.0}, ValueError), ({"tolerance": "0.1"}, TypeError)])
 def test_bad_settings(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         PreciseBN(**kwargs)
