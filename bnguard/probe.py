@@ -24,7 +24,8 @@ def probe(model: nn.Module, batches: Iterable[Any], score: Score, *, num_samples
     """Mean per-sample ``score(outputs, batch)`` on up to ``num_samples`` training samples (over all
     processes: the ``accelerator``'s, else the default process group's), first in eval mode, then with the
     BatchNorm layers normalizing with batch statistics (every other module in eval mode), the model run by
-    ``forward(model, batch)`` (default: as :func:`recalibrate` does). Buffers, modes and random states are left exactly as they were."""
+    ``forward(model, batch)`` (default: as :func:`recalibrate` does). Buffers, modes and random states are
+    left exactly as they were."""
     model = unwrap_model(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layers = [layer for _, layer in batchnorm_layers(model) if tracks_statistics(layer)]

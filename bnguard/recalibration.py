@@ -68,8 +68,9 @@ def recalibrate(
        after 4 batches, every second batch up to 16, then every eighth of the batches seen). The bound of a
        layer is the largest over its channels of |mean error| / sqrt(var + eps) and |variance error| /
        (var + eps) against the statistics of unlimited data, at 95% confidence for all channels together,
-       estimated from the spread between batches; it assumes batches drawn at random (a shuffled loader) and warns when they look ordered.
-       The report gives every layer's bound, the largest, and why iteration stopped.
+       estimated from the spread between batches; it assumes batches drawn at random (a shuffled loader)
+       and warns when they look ordered. The report gives every layer's bound, the largest, and why
+       iteration stopped.
        ``num_samples`` / ``num_batches`` are global caps, shared out between processes; iteration stops at
        whichever comes first, the batch that reaches ``num_samples`` being used whole.
     5. Distributed (``accelerator`` given, or a process group initialized): each process runs its own batches
