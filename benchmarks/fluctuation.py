@@ -3,7 +3,8 @@
 Runs examples/train.py (digits, the question's network) with --bnguard off / auto / always for every seed,
 in parallel worker processes of one thread each, and prints one row per run, then one row per mode: the
 median and range over seeds of the mean eval accuracy, of the worst epoch-to-epoch dip of eval accuracy after
-epoch 2, and of the final eval accuracy. A single run's dips are anecdotes (a CPU run's trajectory differs
+epoch 2, of the final eval accuracy and of the share of training time spent recalibrating (the hooks'
+recal_seconds against the time of Loop.fit). A single run's dips are anecdotes (a CPU run's trajectory differs
 between processors); medians and ranges over seeds are what holds.
 
     python benchmarks/fluctuation.py [--seeds 0 1 ... 7] [--workers 2] [-- extra examples/train.py arguments]
@@ -50,7 +51,13 @@ def run(mode: str, seed: int, extra: list[str]) -> dict:
     recals = [r for r in records if r.get("recalibrated")]
     return {"mode": mode, "seed": seed, "drop": worst_drop(evals), "mean": statistics.fmean(evals),
             "final": evals[-1], "recals": len(recals), "recal_s": sum(r["recal_seconds"] for r in recals),
-            "wall": seconds}
+            "recal_samples": statistics.fmean(r["recal_samples"] for r in recals) if recals else 0.0,
+            "training_s": result["seconds"], "wall": seconds}
+
+
+def share(run: dict) -> float:
+    """Recalibration seconds as a share of the training run's."""
+    return run["recal_s"] / run["training_s"]
 
 
 def spread(values: list[float]) -> str:
@@ -73,19 +80,24 @@ def main() -> None:
     print(f"examples/train.py defaults{' ' + ' '.join(extra) if extra else ''}; {len(args.seeds)} seeds, "
           f"{args.workers} workers of 1 thread; eval accuracy in points")
     print(f"| {'bnguard':<7} | {'seed':>4} | {'worst dip':>9} | {'mean eval':>9} | {'final eval':>10} | "
-          f"{'recals':>6} | {'recal s':>7} | {'wall s':>6} |")
-    print(f"|{'-' * 9}|{'-' * 6}|{'-' * 11}|{'-' * 11}|{'-' * 12}|{'-' * 8}|{'-' * 9}|{'-' * 8}|")
+          f"{'recals':>6} | {'samples':>7} | {'recal s':>7} | {'recal %':>7} | {'wall s':>6} |")
+    print(f"|{'-' * 9}|{'-' * 6}|{'-' * 11}|{'-' * 11}|{'-' * 12}|{'-' * 8}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 8}|")
     for r in sorted(results, key=lambda r: (args.modes.index(r["mode"]), r["seed"])):
         print(f"| {r['mode']:<7} | {r['seed']:>4} | {100 * r['drop']:>9.1f} | {100 * r['mean']:>9.1f} | "
-              f"{100 * r['final']:>10.1f} | {r['recals']:>6} | {r['recal_s']:>7.2f} | {r['wall']:>6.1f} |")
+              f"{100 * r['final']:>10.1f} | {r['recals']:>6} | {r['recal_samples']:>7.0f} | {r['recal_s']:>7.2f} | "
+              f"{100 * share(r):>7.2f} | {r['wall']:>6.1f} |")
     print(f"\nmedian [min, max] over {len(args.seeds)} seeds:\n")
-    print(f"| {'bnguard':<7} | {'mean eval':>19} | {'worst dip':>19} | {'final eval':>19} | {'recals':>6} |")
-    print(f"|{'-' * 9}|{'-' * 21}|{'-' * 21}|{'-' * 21}|{'-' * 8}|")
+    print(f"| {'bnguard':<7} | {'mean eval':>19} | {'worst dip':>19} | {'final eval':>19} | {'recals':>6} | "
+          f"{'samples':>7} | {'recal %':>7} |")
+    print(f"|{'-' * 9}|{'-' * 21}|{'-' * 21}|{'-' * 21}|{'-' * 8}|{'-' * 9}|{'-' * 9}|")
     for mode in args.modes:
         rows = [r for r in results if r["mode"] == mode]
         recals = statistics.median(r["recals"] for r in rows)
+        samples = statistics.median(r["recal_samples"] for r in rows)
+        recal_share = statistics.median(share(r) for r in rows)
         print(f"| {mode:<7} | {spread([r['mean'] for r in rows]):>19} | {spread([r['drop'] for r in rows]):>19} | "
-              f"{spread([r['final'] for r in rows]):>19} | {recals:>6g} |")
+              f"{spread([r['final'] for r in rows]):>19} | {recals:>6g} | {samples:>7.0f} | "
+              f"{100 * recal_share:>7.2f} |")
     print(f"\n{len(jobs)} runs in {time.perf_counter() - started:.0f} s")
 
 
