@@ -65,14 +65,33 @@ def test_stale_statistics_are_recalibrated_and_the_best_model_is_chosen_by_the_n
     assert record["recalibrated"] and record["diagnosis"] == Verdict.STALE
     assert record["eval_loss"] < record["eval_loss_before_recal"]
     assert fit.state.best_metric == record["eval_loss"]  # the Trainer picked by the recalibrated loss
-    stale, decision = [h for h in fit.state.log_history if "eval_loss" in h]
+    stale, corrected = [h for h in fit.state.log_history if "eval_loss" in h]
     assert stale["eval_loss"] == record["eval_loss_before_recal"]  # what the Trainer measured and logged
-    assert decision["eval_loss"] == record["eval_loss"] and decision["recalibrated"] is True
-    assert decision["eval_accuracy"] == record["eval_accuracy"] != stale["eval_accuracy"]  # re-evaluated too
+    assert corrected.keys() == stale.keys() and (corrected["step"], corrected["epoch"]) == (stale["step"], 1.0)
+    assert corrected["eval_loss"] == record["eval_loss"]
+    assert corrected["eval_accuracy"] == record["eval_accuracy"] != stale["eval_accuracy"]  # re-evaluated too
+    (decision,) = [h for h in fit.state.log_history if any(key.startswith("bnguard/") for key in h)]
+    assert decision == {**{f"bnguard/{key}": value for key, value in record.items()
+                           if key in callback.runner.state.record}, "step": 4}
     logged = [(r["eval/loss"], r["train/global_step"]) for r in history(offline_run_dir(wandb_dir)) if "eval/loss" in r]
     assert logged == [(stale["eval_loss"], 4), (record["eval_loss"], 4)]  # the new value at the same step
     assert any(r.get("bnguard/eval_loss_before_recal") == stale["eval_loss"]
                for r in history(offline_run_dir(wandb_dir)))
+
+
+def test_the_model_card_reads_the_log_history_and_gives_the_recalibrated_results(tmp_path):
+    callback = BNGuardCallback([AutoRecalibrate(**LOSS)])
+    fit = trainer(tmp_path, [callback], model=tiny_resnet(bn_momentum=0.0), epochs=2)
+    fit.train()
+    assert callback.records[0]["recalibrated"]
+    fit.create_model_card(model_name="tiny")  # what push_to_hub writes, here without the upload
+    card = (tmp_path / "README.md").read_text()
+    evaluations = [h for h in fit.state.log_history if "eval_loss" in h]
+    final = evaluations[-1]
+    summary = transformers.modelcard.TrainingSummary.from_trainer(fit)
+    assert summary.eval_results == {"Loss": final["eval_loss"], "Accuracy": final["eval_accuracy"]}
+    rows = [line for line in card.splitlines() if line.startswith("| ") and "Validation Loss" not in line]
+    assert len(rows) == len(evaluations) > 2  # the Trainer's evaluations and the recalibrated copies
 
 
 def test_the_re_evaluation_measures_what_the_trainer_measured(tmp_path):
@@ -148,6 +167,7 @@ def test_two_torchrun_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_pa
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
     subprocess.run(torchrun, check=True, cwd=script.parent, timeout=300, env={**os.environ, "WANDB_DIR": str(tmp_path)})
     assert_two_ranks_agree(tmp_path, samples=64)  # each rank recalibrates on its own 32
+    assert "| Validation Loss |" in (tmp_path / "README.md").read_text()
 
 
 def test_a_missing_transformers_names_the_extra():

@@ -104,7 +104,8 @@ class BNGuardCallback(transformers.TrainerCallback):
     ``AutoRecalibrate(monitor="accuracy")`` watches ``eval_accuracy`` for falls below its best only.
     Re-evaluation runs the Trainer's own evaluation loop (its ``compute_metrics``, gathered over processes)
     with no callback event fired; the recalibrated metrics are logged at the same ``train/global_step``, and
-    the decision is appended to ``state.log_history`` (``trainer_state.json``).
+    ``state.log_history`` (``trainer_state.json``) gets the re-evaluated metrics as a corrected copy of the
+    Trainer's eval entry, and the decision as an entry of ``bnguard/`` keys.
 
     Recalibration batches are fresh shuffles of the training set batched like the Trainer's, or
     ``recalibration_loader`` (any iterable, e.g. for streaming data); ``forward(model, batch)`` runs the model
@@ -206,9 +207,20 @@ class BNGuardCallback(transformers.TrainerCallback):
         metrics.update(changed)  # the same dict the Trainer then picks its best model by
         self.runner.state.trackers.log_evaluation(changed, state.global_step)
         if self.runner.state.record:
-            state.log_history.append({**changed, **self.runner.state.record, "step": state.global_step})
+            self._add_to_log_history(state, measured, changed)
         if self._epoch_end_pending:
             self._end_epoch()
+
+    def _add_to_log_history(self, state: Any, measured: dict[str, float], changed: dict[str, float]) -> None:
+        """The re-evaluated metrics as a copy of the Trainer's own entry for this evaluation, with the same
+        keys (transformers' model card builds one table from all eval entries and needs them alike), then the
+        decision in an entry of its own, under ``bnguard/`` keys, which the Trainer's readers pass over."""
+        if changed:
+            own = next((entry for entry in reversed(state.log_history)
+                        if entry.get("step") == state.global_step and measured.keys() <= entry.keys()), None)
+            state.log_history.append({**(own or {"step": state.global_step}), **changed})
+        decision = {f"bnguard/{key}": value for key, value in self.runner.state.record.items()}
+        state.log_history.append({**decision, "step": state.global_step})
 
     def _reevaluate(self) -> dict[str, float]:
         """The Trainer's evaluation loop run again, its callback events silenced and the global random state
