@@ -47,7 +47,7 @@ class AutoRecalibrate(Hook):
     Outside :class:`bnguard.Loop`, call :meth:`check` after evaluating.
     """
 
-    acts_at_evaluation = True
+    acts_at_evaluation = writes_decisions = True
 
     def __init__(self, *, monitor: str = "acc", higher_is_better: bool = True, gap_threshold: float = 0.05,
                  drop_threshold: float = 0.03, patience: int = 1, recovery_margin: float = 0.01,
@@ -82,6 +82,8 @@ class AutoRecalibrate(Hook):
         batches, or a callable giving them (called only to recalibrate or probe); ``nonfinite``: the NaN/Inf
         metrics' names; ``frozen``: BatchNorm layers to leave alone; ``forward(model, batch)``: as in
         :func:`recalibrate`. Every process must call it, with the same (gathered) metrics."""
+        if (percent := _percent_warning(self.policy, eval_value, train_value)) is not None:
+            self._warn_once("scale", percent)
         decision = self.policy.check(eval_value, train_value, nonfinite=nonfinite)
         if decision.wants_recalibration and not has_running_statistics(model):
             decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
@@ -150,8 +152,8 @@ class AutoRecalibrate(Hook):
         self._publish(state, decision, eval_key)
 
     def _publish(self, state: State, decision: Decision, eval_key: str) -> None:
-        state.record.update(_record(decision, eval_key))
-        state.log(_tracker_values(decision, eval_key))
+        state.record.update(RecordKeys.of(self.decision_prefix, _record(decision, eval_key)))
+        state.log(_tracker_values(decision, eval_key, self.decision_prefix))
         if decision.triggered and state.is_main_process:
             line = _console_line(decision, self.monitor, state)
             print(line, flush=True)
@@ -168,6 +170,20 @@ class AutoRecalibrate(Hook):
         self.history = list(state["history"])
 
 
+def _percent_warning(policy: DivergencePolicy, *values: float | None) -> str | None:
+    """What to say of an accuracy on a 0-100 scale (torchvision's and timm's top1), which would turn the
+    thresholds, in the metric's own units, into hundredths of a point; None when there is nothing to say."""
+    above = [value for value in values if value is not None and math.isfinite(value) and value > 1]
+    if not (policy.higher_is_better and above and policy.gap_threshold < 1):  # scaled thresholds: meant so
+        return None
+    return (f"AutoRecalibrate: {policy.monitor} is {above[0]:g}, above 1: a percentage? Its thresholds are in "
+            f"the metric's own units (gap_threshold {policy.gap_threshold:g}, drop_threshold "
+            f"{policy.drop_threshold:g}, recovery_margin {policy.recovery_margin:g}), so here they are that many "
+            f"points: give the accuracy as a fraction (divide by 100), or scale them, e.g. AutoRecalibrate("
+            f"gap_threshold={100 * policy.gap_threshold:g}, drop_threshold={100 * policy.drop_threshold:g}, "
+            f"recovery_margin={100 * policy.recovery_margin:g})")
+
+
 def _call(batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> Iterable[Any]:
     return batches() if callable(batches) else batches
 
@@ -180,13 +196,15 @@ def _record(decision: Decision, eval_key: str) -> dict[str, Any]:
             RecordKeys.DIAGNOSIS: decision.diagnosis}
 
 
-def _tracker_values(decision: Decision, eval_key: str) -> dict[str, Any]:
+def _tracker_values(decision: Decision, eval_key: str, prefix: str) -> dict[str, Any]:
     """What a decision logs to the trackers: under ``bnguard/``, and the new eval value when recalibrated."""
-    values = {"bnguard/recalibrated": float(decision.recalibrated), "bnguard/recal_seconds": decision.seconds}
-    values.update({f"bnguard/{name}": getattr(decision, name) for name in ("gap", "drop", "gained")
+    values = {RecordKeys.RECALIBRATED: float(decision.recalibrated), RecordKeys.SECONDS: decision.seconds}
+    values.update({name: getattr(decision, name) for name in ("gap", "drop", "gained")
                    if getattr(decision, name) is not None})
     if decision.recalibrated:
-        values[f"bnguard/{RecordKeys.before_recal(eval_key)}"] = decision.eval_before
+        values[RecordKeys.before_recal(eval_key)] = decision.eval_before
+    values = RecordKeys.tracked(prefix, values)
+    if decision.recalibrated:
         values[eval_key] = decision.eval_after
     return values
 

@@ -92,6 +92,12 @@ class TrainingBatches:
     """
 
     def __init__(self, loader: DataLoader, *, accelerator: Any = None, seed: int = 0):
+        if indexable(loader) and not isinstance(loader, DataLoader):
+            raise TypeError(
+                f"TrainingBatches batches loader's dataset as loader does (batch size, collate function, "
+                f"workers), so it needs a torch DataLoader; got {type(loader).__name__}, which prepares batches "
+                "its own way (timm's PrefetchLoader normalizes them on the device): pass recalibration_loader= "
+                "(any iterable of batches prepared as for training) instead")
         if not indexable(loader):
             raise TypeError("TrainingBatches needs a DataLoader over a map-style dataset (with __getitem__)")
         self.loader, self.seed = loader, seed

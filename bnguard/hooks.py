@@ -26,6 +26,10 @@ class Hook:
     """
 
     acts_at_evaluation = False  # a hook that does its work at evaluations (trainers that never evaluate: a warning)
+    writes_decisions = False  # a hook that writes RecordKeys into records (AutoRecalibrate, PreciseBN)
+    # In front of those keys and of its bnguard/ tracker keys: "" alone, its state_key + "/" beside another
+    # such hook, so that neither overwrites the other's (set by HookRunner).
+    decision_prefix = ""
 
     def on_fit_start(self, state: State) -> None: ...
 
@@ -90,6 +94,10 @@ class HookRunner:
         trackers: Trackers | None = None,
         evaluation_hint: str = "pass evaluate= to bnguard.HookRunner",
     ):
+        if train_batches is not None and not callable(train_batches):
+            raise TypeError(f"train_batches must be a callable giving an iterable of batches, got "
+                            f"{type(train_batches).__name__}: pass bnguard.TrainingBatches(loader) (fresh shuffles "
+                            "of its dataset) or lambda: loader")
         self.hooks = checked_hooks(hooks)
         seen = Counter(hook.state_key for hook in self.hooks)
         nth: Counter[str] = Counter()
@@ -98,6 +106,9 @@ class HookRunner:
                 key = hook.state_key
                 hook.state_key = f"{key}#{nth[key]}"
                 nth[key] += 1
+        deciding = [hook for hook in self.hooks if hook.writes_decisions]
+        for hook in deciding:
+            hook.decision_prefix = f"{hook.state_key}/" if len(deciding) > 1 else ""
         self.state = State(accelerator=accelerator, model=model, optimizer=optimizer, evaluate=evaluate,
                            train_batches=train_batches, forward=forward, dispatch=self.fire, trackers=trackers,
                            evaluation_hint=evaluation_hint)

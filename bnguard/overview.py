@@ -68,7 +68,8 @@ class Overview:
         if eval_key not in evaluation:
             return False
         if self.epoch_rounds.next_kept():
-            before = record.get(RecordKeys.before_recal(eval_key))
+            before = next((value for key, value in record.items()  # any deciding hook's, prefixed or not
+                           if key.endswith(RecordKeys.before_recal(eval_key)) and value is not None), None)
             self.epochs.append({"epoch": epoch, "train": train.get(f"train_{self.metric}"),
                                 "eval": evaluation[eval_key],
                                 "as_trained": before if before is not None else evaluation[eval_key]})

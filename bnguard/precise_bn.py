@@ -30,7 +30,7 @@ class PreciseBN(Hook):
     EMA / SWA copy the evaluation uses.
     """
 
-    acts_at_evaluation = True
+    acts_at_evaluation = writes_decisions = True
 
     def __init__(self, every_n_evals: int = 1, *, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
                  include_frozen: bool = False, target: Target = None):
@@ -79,9 +79,10 @@ class PreciseBN(Hook):
             self._outcome = {RecordKeys.RECALIBRATED: False, RecordKeys.SECONDS: 0.0, RecordKeys.SAMPLES: 0,
                              RecordKeys.REASON: "no EVAL_START was fired: nothing recalibrated"}
         self._started = False
-        state.record.update(self._outcome)
-        state.log({"bnguard/recalibrated": float(self._outcome[RecordKeys.RECALIBRATED]),
-                   "bnguard/recal_seconds": self._outcome[RecordKeys.SECONDS]})
+        state.record.update(RecordKeys.of(self.decision_prefix, self._outcome))
+        state.log(RecordKeys.tracked(self.decision_prefix, {
+            RecordKeys.RECALIBRATED: float(self._outcome[RecordKeys.RECALIBRATED]),
+            RecordKeys.SECONDS: self._outcome[RecordKeys.SECONDS]}))
 
     def _schedule(self) -> str:
         return "always" if self.every_n_evals == 1 else f"scheduled: every {self.every_n_evals} evaluations"

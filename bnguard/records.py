@@ -28,6 +28,18 @@ class RecordKeys:
         """The key of the eval value measured before an automatic recalibration, e.g. ``eval_acc_before_recal``."""
         return f"{eval_key}_before_recal"
 
+    @staticmethod
+    def of(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+        """One hook's keys: as they are for the only deciding hook, ``<state_key>/<key>`` beside another
+        (``AutoRecalibrate/recalibrated``, ``PreciseBN/recalibrated``)."""
+        return {f"{prefix}{key}": value for key, value in values.items()}
+
+    @staticmethod
+    def tracked(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+        """The same values under ``bnguard/`` for the trackers (``bnguard/PreciseBN/recalibrated`` beside
+        another deciding hook)."""
+        return {f"bnguard/{prefix}{key}": value for key, value in values.items()}
+
 
 class RecordWriter:
     """Appends one JSON line per epoch to ``metrics.jsonl`` on the main process, and echoes it on the

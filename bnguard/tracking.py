@@ -4,6 +4,7 @@ alerts)."""
 
 from __future__ import annotations
 
+import importlib
 import netrc
 import os
 import sys
@@ -70,6 +71,10 @@ def start_trackers(
     from accelerate.tracking import TensorBoardTracker, WandBTracker
 
     for name in names:
+        if name == "tensorboard" and not _importable("tensorboard", "tensorboardX"):
+            warnings.warn("tracker 'tensorboard' is left out: the tensorboard package is not installed; "
+                          "pip install tensorboard (or bnguard's examples extra) and run again", stacklevel=3)
+            continue
         try:
             if name == "wandb":
                 kwargs: dict[str, Any] = {"dir": str(output_dir), "name": run_name}
@@ -89,6 +94,17 @@ def start_trackers(
         if name == "wandb" and tracker.run.settings.mode == "offline":
             run_dir = Path(tracker.run.dir).parent
             print(f"W&B run written offline to {run_dir}\n  upload it later with: wandb sync {run_dir}")
+
+
+def _importable(*packages: str) -> bool:
+    """Whether any of ``packages`` imports."""
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            continue
+        return True
+    return False
 
 
 def finish(accelerator: Any) -> None:

@@ -45,7 +45,13 @@ def cifar10(data_dir: str | None, image_size: int = 32) -> tuple[Dataset, Datase
     train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                    transforms.Resize(image_size), transforms.ToTensor(), normalize])
     eval_tf = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(), normalize])
-    train = datasets.CIFAR10(str(path), train=True, download=True, transform=train_tf)
+    try:
+        train = datasets.CIFAR10(str(path), train=True, download=True, transform=train_tf)
+    except (OSError, RuntimeError) as error:  # offline: a URLError, an OSError
+        raise FileNotFoundError(
+            f"CIFAR-10 is not in --data-dir {path} and could not be downloaded ({error}): put "
+            "cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html), or the "
+            f"cifar-10-batches-py folder it holds, in {path} and run again") from None
     test = datasets.CIFAR10(str(path), train=False, download=True, transform=eval_tf)
     return train, test, 3, 10
 

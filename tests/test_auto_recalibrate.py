@@ -209,6 +209,25 @@ def test_bad_settings(kwargs, message):
         AutoRecalibrate(**kwargs)
 
 
+def test_an_accuracy_in_percent_is_named_once_with_the_thresholds_to_use(recwarn):
+    model, data = trained_model_with_stale_statistics()
+    batches = list(DataLoader(data, batch_size=16))
+
+    def check(guard, eval_value, train_value):
+        return guard.check(model, eval_value=eval_value, train_value=train_value, evaluate=lambda: eval_value,
+                           batches=batches)
+
+    guard = AutoRecalibrate(report_only=True)
+    with pytest.warns(UserWarning, match=r"acc is 71.3, above 1: a percentage\? .*\(gap_threshold 0.05, .*"
+                                         r"AutoRecalibrate\(gap_threshold=5, drop_threshold=3, recovery_margin=1\)"):
+        assert not check(guard, 71.3, 71.34).triggered  # a 0.04-point gap against a 0.05-point threshold
+    recwarn.clear()
+    check(guard, 60.0, 61.0)
+    check(AutoRecalibrate(report_only=True, gap_threshold=5, drop_threshold=3), 71.3, 80.0)
+    check(AutoRecalibrate(monitor="loss", higher_is_better=False, report_only=True), 2.5, 1.5)
+    assert not [w for w in recwarn if "percentage" in str(w.message)]
+
+
 def test_needs_an_evaluation(tmp_path):
     with pytest.raises(bnguard.HookError, match="needs evaluation"):
         toy_loop(tmp_path, hooks=[AutoRecalibrate()], n_eval=0).fit()

@@ -1,7 +1,9 @@
 """examples/train.py end to end on a few batches: outputs, the W&B run, two processes, bad data folders."""
 
 import json
+import re
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -79,9 +81,51 @@ def test_missing_data_directory_is_named(tmp_path, dataset):
     assert not (tmp_path / "out").exists()
 
 
+def test_cifar10_that_cannot_be_downloaded_says_which_file_to_put_where(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+    from train import main
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(FileNotFoundError, match=f"put cifar-10-python.tar.gz .* in {tmp_path} and run again"):
+        main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")])
+
+
 def test_empty_image_folder_is_named(tmp_path):
     from train import main
 
     (tmp_path / "leaves").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no class folders"):
         main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "leaves"), "--output-dir", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("argv, message", [(["--limit-batches", "0"], "--limit-batches must be positive, got 0"),
+                                           (["--bn-momentum", "-1"], r"--bn-momentum must be in \[0, 1\]"),
+                                           (["--bn-momentum", "5"], r"--bn-momentum must be in \[0, 1\]"),
+                                           (["--lr", "0"], "--lr must be positive"),
+                                           (["--num-workers", "-2"], "--num-workers must be 0 or more")])
+def test_bad_settings_are_argparse_errors(argv, message, capsys):
+    from train import parse_args
+
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)
+    assert stopped.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_resume_latest_without_an_output_dir_takes_the_newest_run_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    from train import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "latest"])
+    assert "found no run with a checkpoint under runs/: pass the run's --output-dir" in capsys.readouterr().err
+    for run, epoch in (("20261201-090000", 4), ("20261202-090000", 2)):
+        (tmp_path / "runs" / run / "checkpoints" / f"epoch-{epoch:04d}").mkdir(parents=True)
+    (tmp_path / "runs" / "20261203-090000").mkdir()  # a run that never checkpointed
+    assert parse_args(["--resume", "latest"]).output_dir == str(Path("runs") / "20261202-090000")
+    assert "resuming the newest run, runs/20261202-090000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "latest", "--output-dir", "runs/20261203-090000"])
+    assert "runs/20261203-090000 holds no checkpoint" in capsys.readouterr().err

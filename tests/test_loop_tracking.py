@@ -1,8 +1,12 @@
 """What a run leaves in real trackers: an offline W&B run read back from its .wandb file, TensorBoard events."""
 
+import json
+import sys
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import bnguard
 from helpers import toy_loop
 from wandb_log import config, history, offline_run_dir
 
@@ -41,6 +45,29 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     assert [e.step for e in events.Scalars("train_loss")] == [3, 6, 9, 12]
     assert [e.step for e in events.Scalars("eval_acc")] == [6, 12]
     assert all(0 <= e.value <= 1 for e in events.Scalars("eval_acc"))
+
+
+def test_two_deciding_hooks_keep_their_own_record_fields_and_tracker_keys(tmp_path, no_wandb_settings):
+    hooks = [bnguard.PreciseBN(every_n_evals=2), bnguard.AutoRecalibrate()]
+    loop = toy_loop(tmp_path, hooks=hooks, epochs=2, tracker="wandb")
+    loop.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["PreciseBN/recalibrated"] for r in rows] == [False, True]
+    assert [r["PreciseBN/recal_samples"] for r in rows] == [0, 24]
+    assert [r["AutoRecalibrate/recalibrated"] for r in rows] == [d["recalibrated"] for d in hooks[1].history]
+    assert all("AutoRecalibrate/diagnosis" in r and "recalibrated" not in r for r in rows)
+    logged = history(offline_run_dir(tmp_path))
+    assert [r["bnguard/PreciseBN/recalibrated"] for r in logged if "bnguard/PreciseBN/recalibrated" in r] == [0, 1]
+    assert len([r for r in logged if "bnguard/AutoRecalibrate/recalibrated" in r]) == 2
+    assert not [r for r in logged if "bnguard/recalibrated" in r]
+
+
+def test_tensorboard_missing_names_the_package_to_install(tmp_path, monkeypatch):
+    for package in ("tensorboard", "tensorboardX", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+    with pytest.warns(UserWarning, match="the tensorboard package is not installed; pip install tensorboard"):
+        toy_loop(tmp_path, epochs=1, tracker="tensorboard").fit()
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_a_tracker_that_fails_to_start_warns_once_and_training_goes_on(tmp_path, no_wandb_settings, monkeypatch):

@@ -3,10 +3,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bnguard
 from bnguard import Event, Hook
-from helpers import launch_two_processes
+from helpers import launch_two_processes, tiny_resnet, toy_data
 from wandb_log import history, offline_run_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -38,6 +39,24 @@ def test_state_helpers_say_what_is_missing():
         state.evaluate()
     with pytest.raises(RuntimeError, match="train_batches="):
         state.train_batches()
+
+
+def test_a_loader_given_as_batches_is_refused_when_the_runner_is_made():
+    loader = torch.utils.data.DataLoader(toy_data(8), batch_size=4)
+    with pytest.raises(TypeError, match=r"train_batches must be a callable .*, got DataLoader: pass "
+                                        r"bnguard.TrainingBatches\(loader\)"):
+        bnguard.HookRunner([bnguard.PreciseBN()], train_batches=loader)
+
+
+def test_timms_prefetch_loader_is_refused_when_the_guard_is_made():
+    from timm.data.loader import PrefetchLoader
+
+    loader = PrefetchLoader(torch.utils.data.DataLoader(toy_data(8), batch_size=4), channels=1, mean=(0.0,),
+                            std=(1.0,), device=torch.device("cpu"))
+    with pytest.raises(TypeError, match="needs a torch DataLoader; got PrefetchLoader, .* pass recalibration_loader="):
+        bnguard.Guard(tiny_resnet(), evaluate=lambda: 0.5, train_loader=loader)
+    guard = bnguard.Guard(tiny_resnet(), evaluate=lambda: 0.5, train_loader=loader, recalibration_loader=loader)
+    assert len(list(guard.state.train_batches())) == 2  # the prepared batches, as given
 
 
 def test_own_loop_example_runs_the_hooks(tmp_path, capsys):
