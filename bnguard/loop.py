@@ -84,8 +84,7 @@ class Loop:
         self.loss_fn, self.metric, self.metric_name, self.project = loss_fn, metric, metric_name, project
         self.run_name, self.show_progress = run_name, progress
         self.output_dir = shared_output_dir(acc, output_dir)
-        self.records = RecordWriter(self.output_dir / "metrics.jsonl", is_main_process=acc.is_main_process,
-                                    echo=not show_progress(progress))
+        self.records = RecordWriter(self.output_dir / "metrics.jsonl", is_main_process=acc.is_main_process)
         self.frozen_batchnorm = frozen_the_finetuning_way(model)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = _prepare(
             acc, model, optimizer, train_loader, eval_loader, scheduler)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 
 RECORDS_COPY = "records.json"  # in each checkpoint folder: the records of the epochs it holds
@@ -43,11 +46,11 @@ class RecordKeys:
 
 class RecordWriter:
     """Appends one JSON line per epoch to ``metrics.jsonl`` on the main process, and echoes it on the
-    console when no progress bar shows the run. :attr:`records` holds what was written, for the copy each
+    console (above the progress bar, when one shows the run). :attr:`records` holds what was written, for the copy each
     checkpoint keeps (:data:`RECORDS_COPY`), from which a damaged file is rewritten on resume."""
 
-    def __init__(self, path: Path, *, is_main_process: bool, echo: bool):
-        self.path, self.is_main_process, self.echo = path, is_main_process, echo
+    def __init__(self, path: Path, *, is_main_process: bool):
+        self.path, self.is_main_process = path, is_main_process
         self.records: list[dict[str, Any]] = []
 
     def open(self, epochs_done: int, copy: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -110,10 +113,10 @@ class RecordWriter:
             return
         with self.path.open("a") as out:
             out.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
-        if self.echo:
-            shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in record.items() if isinstance(v, (int, float, str)))
-            print(shown, flush=True)
+        shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in record.items() if isinstance(v, (int, float, str)))
+        tqdm.write(shown)  # plain print without a bar; above it, not through it, with one
+        sys.stdout.flush()
 
 
 def _json_safe(value: Any) -> Any:

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -72,6 +73,15 @@ def test_metrics_file_and_final_metrics(tmp_path):
         logits = model(images)
     assert final["eval_acc"] == pytest.approx((logits.argmax(1) == labels).double().mean().item(), abs=1e-12)
     assert final["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_each_epoch_is_echoed_with_or_without_a_progress_bar(tmp_path, capsys, monkeypatch, progress):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as in a terminal, where the bar is drawn
+    toy_loop(tmp_path, epochs=2, progress=progress).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[:4] for line in lines] == [["epoch", "1", "step", "6"], ["epoch", "2", "step", "12"]]
+    assert all(" eval_acc " in line for line in lines)
 
 
 def test_custom_metric_replaces_accuracy(tmp_path):
