@@ -55,7 +55,8 @@ def test_histograms_of_every_batchnorm_layer_reach_wandb_and_tensorboard(tmp_pat
     assert [e.step for e in events.Scalars("eval/loss")] == [4, 8]  # the Trainer's own, unchanged
 
 
-def test_stale_statistics_are_recalibrated_and_the_best_model_is_chosen_by_the_new_metrics(tmp_path, wandb_dir):
+def test_stale_statistics_are_recalibrated_and_the_best_model_is_chosen_by_the_new_metrics(tmp_path, wandb_dir,
+                                                                                            capsys):
     callback = BNGuardCallback([AutoRecalibrate(**LOSS)])
     fit = trainer(tmp_path, [callback], model=tiny_resnet(bn_momentum=0.0), epochs=1, report_to="wandb",
                   metric_for_best_model="loss", greater_is_better=False)
@@ -65,6 +66,8 @@ def test_stale_statistics_are_recalibrated_and_the_best_model_is_chosen_by_the_n
     assert record["recalibrated"] and record["diagnosis"] == Verdict.STALE
     assert record["eval_loss"] < record["eval_loss_before_recal"]
     assert fit.state.best_metric == record["eval_loss"]  # the Trainer picked by the recalibrated loss
+    assert (f"bnguard: after recalibration eval_loss {record['eval_loss']:.4f}, eval_accuracy "
+            f"{record['eval_accuracy']:.4f}") in capsys.readouterr().out
     stale, corrected = [h for h in fit.state.log_history if "eval_loss" in h]
     assert stale["eval_loss"] == record["eval_loss_before_recal"]  # what the Trainer measured and logged
     assert corrected.keys() == stale.keys() and (corrected["step"], corrected["epoch"]) == (stale["step"], 1.0)

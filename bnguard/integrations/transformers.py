@@ -205,6 +205,9 @@ class BNGuardCallback(transformers.TrainerCallback):
         changed = {key: value for key, value in self.runner.state.eval_metrics.items()
                    if key in measured and value != measured[key]}
         metrics.update(changed)  # the same dict the Trainer then picks its best model by
+        if changed and state.is_world_process_zero:  # the Trainer has printed the values it measured
+            shown = ", ".join(f"{key} {value:.4f}" for key, value in changed.items())
+            print(f"bnguard: after recalibration {shown} (the eval line above had the stale statistics)", flush=True)
         self.runner.state.trackers.log_evaluation(changed, state.global_step)
         if self.runner.state.record:
             self._add_to_log_history(state, measured, changed)
