@@ -112,6 +112,9 @@ class Loop:
             if checkpoint is not None:
                 acc.load_state(str(checkpoint))
                 epoch = state.epoch + 1  # checkpoints are written once an epoch is over
+                if acc.is_main_process:
+                    print(f"bnguard: resumed from {checkpoint} ({epoch} epoch(s) done, step {state.step})",
+                          flush=True)
             record = self.records.open(epochs_done=epoch, copy=records_copy(checkpoint) if checkpoint else None)
             if self.schedule.finished(epoch, state.step):
                 return self.records.finished(record)

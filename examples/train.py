@@ -191,6 +191,18 @@ def save_staleness(results: dict[str, dict], path: Path) -> Path | None:
     return None
 
 
+def resume_command(argv: list[str], output_dir: Path) -> str:
+    """The command that continues this run: its own arguments, with --resume latest and its folder."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg in ("--resume", "--output-dir"):
+            skip = not skip and "=" not in arg
+            continue
+        if not arg.startswith(("--resume=", "--output-dir=")):
+            kept.append(arg)
+    return " ".join(["accelerate launch examples/train.py", *kept, "--resume latest --output-dir", str(output_dir)])
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -199,8 +211,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     output_dir = bnguard.shared_output_dir(accelerator, args.output_dir)
     modes = ["off", "auto"] if args.compare else [args.bnguard]
     results = {}
-    for mode in modes:
-        results[mode] = train(args, mode, data, output_dir / mode if args.compare else output_dir, accelerator)
+    try:
+        for mode in modes:
+            results[mode] = train(args, mode, data, output_dir / mode if args.compare else output_dir, accelerator)
+    except KeyboardInterrupt:  # the checkpoints are whole: say how to go on instead of a traceback
+        if accelerator.is_main_process:
+            print(f"\ninterrupted; continue from the last checkpoint with:\n  "
+                  f"{resume_command(sys.argv[1:] if argv is None else argv, output_dir)}", flush=True)
+        raise SystemExit(130) from None
     if accelerator.is_main_process:
         plot = plot_accuracy({m: r["records"] for m, r in results.items()}, output_dir / "accuracy.png",
                              title=f"{args.model} on {args.dataset}, {args.optimizer} lr {args.lr}, seed {args.seed}")

@@ -129,3 +129,17 @@ def test_resume_latest_without_an_output_dir_takes_the_newest_run_with_a_checkpo
     with pytest.raises(SystemExit):
         parse_args(["--resume", "latest", "--output-dir", "runs/20261203-090000"])
     assert "runs/20261203-090000 holds no checkpoint" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
+    import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--epochs", "2", "--output-dir", str(tmp_path), "--bnguard", "always"])
+    assert stopped.value.code == 130
+    assert (f"accelerate launch examples/train.py --epochs 2 --bnguard always --resume latest --output-dir "
+            f"{tmp_path}") in capsys.readouterr().out

@@ -100,7 +100,7 @@ def test_a_hook_can_stop_the_loop_and_max_steps_stops_it(tmp_path):
     assert toy_loop(tmp_path / "b", epochs=None, max_steps=8).fit()["step"] == 8
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, capsys):
     whole = toy_loop(tmp_path / "whole", epochs=3, dropout=0.3, checkpoint_every_epochs=1)
     whole.fit()
 
@@ -115,6 +115,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     torch.manual_seed(1234)  # a different process state: the checkpoint must restore everything
     resumed = toy_loop(tmp_path / "resumed", epochs=3, dropout=0.3, checkpoint_every_epochs=1)
     resumed.fit(resume_from="latest")
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "epoch-0001"
+    assert f"bnguard: resumed from {checkpoint} (1 epoch(s) done, step 6)" in capsys.readouterr().out
 
     def read(path):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
