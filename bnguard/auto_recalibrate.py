@@ -47,7 +47,7 @@ class AutoRecalibrate(Hook):
     Outside :class:`bnguard.Loop`, call :meth:`check` after evaluating.
     """
 
-    acts_at_evaluation = writes_decisions = True
+    acts_at_evaluation = writes_decisions = reevaluates = True
 
     def __init__(self, *, monitor: str = "acc", higher_is_better: bool = True, gap_threshold: float = 0.05,
                  drop_threshold: float = 0.03, patience: int = 1, recovery_margin: float = 0.01,
@@ -112,7 +112,11 @@ class AutoRecalibrate(Hook):
                             f"{why_not}; include_frozen=True recalibrates frozen layers too")
             return decision.noted(f"nothing recalibrated: {why_not}", wants_recalibration=False,
                                   seconds=time.perf_counter() - started)
-        result = evaluate()
+        try:
+            result = evaluate()
+        except BaseException:  # a re-evaluation that fails leaves the statistics as they were
+            restore_statistics(previous)
+            raise
         metrics = dict(result) if isinstance(result, Mapping) else {f"eval_{self.monitor}": float(result)}
         judged = self.policy.judge_recalibration(decision, metrics[f"eval_{self.monitor}"],
                                                  nonfinite=nonfinite_names(metrics))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchmetrics
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -221,3 +222,48 @@ def test_a_module_without_validation_step_is_said_at_fit_start(tmp_path):
                                          r"validation_step"):
         trainer(tmp_path, [BNGuardCallback([AutoRecalibrate(report_only=True), PreciseBN()])], epochs=1,
                 limit_val_batches=0).fit(NoValidation(), loaders()[0])
+
+
+class LogsMetricObjects(Classifier):
+    """Logs its validation accuracy as a torchmetrics object, as Lightning's own examples do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=4, average="micro")
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        self.val_accuracy(logits, labels)
+        self.log("val_acc", self.val_accuracy)
+        self.log("val_loss", nn.functional.cross_entropy(logits, labels))
+
+
+def test_torchmetrics_objects_are_refused_at_the_first_validation_before_any_recalibration(tmp_path):
+    torch.manual_seed(0)
+    model = LogsMetricObjects(bn_momentum=0.0)
+    callback = BNGuardCallback([AutoRecalibrate()])
+    statistics = lambda: {k: v for k, v in buffers_of(model).items() if "running" in k}  # noqa: E731
+    before = statistics()
+    with pytest.raises(ValueError, match=r"logs 'val_acc' as torchmetrics object\(s\), .* log the value instead"):
+        trainer(tmp_path, [callback], epochs=2).fit(model, *loaders())
+    assert_same_tensors(statistics(), before)  # momentum 0: only a recalibration could have changed them
+    assert callback.records == [] and "log" not in vars(model)
+    trainer(tmp_path, [BNGuardCallback([BNStatsLogger(every_n_steps=2)])], epochs=1).fit(model, *loaders())
+
+
+class ShowsAccuracyInTheBar(Classifier):
+    def validation_step(self, batch, batch_idx):
+        loss, acc = self._step(batch, "val")
+        self.log("val_acc", acc, prog_bar=True)
+        self.log("val_loss", loss)
+
+
+def test_the_progress_bar_shows_the_recalibrated_value(tmp_path):
+    torch.manual_seed(0)
+    callback = BNGuardCallback([AutoRecalibrate()])
+    fit = trainer(tmp_path, [callback], epochs=2)
+    fit.fit(ShowsAccuracyInTheBar(bn_momentum=0.0), *loaders())
+    last = callback.records[-1]
+    assert last["recalibrated"] and last["eval_acc"] != last["eval_acc_before_recal"]
+    assert float(fit.progress_bar_metrics["val_acc"]) == torch.tensor(last["eval_acc"]).float().item()

@@ -107,6 +107,7 @@ class BNGuardCallback(pl.Callback):
         self._train = RunningMeans()
         self._restored: dict[str, Any] | None = None
         self._pending_eval = False
+        self._metric_objects: list[str] | None = None
 
     # ---- setting up ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -162,19 +163,25 @@ class BNGuardCallback(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._evaluating(trainer):
             self._pending_eval = True
+            if self._metric_objects is None and any(hook.reevaluates for hook in self.hooks):
+                self._metric_objects = _watch_metric_objects(pl_module, self.val_prefix)  # the first validation
             self.runner.fire(Event.EVAL_START, step=trainer.global_step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self._evaluating(trainer) and self._pending_eval):
             return
         self._pending_eval = False
+        if "log" in vars(pl_module):  # the first validation's watch is over, before any hook acts on it
+            del pl_module.log
+            _refuse_metric_objects(self._metric_objects)
         measured = self._eval_metrics(trainer)
         train = {**self.runner.state.train_metrics, **self._train.means()}  # Lightning validates mid-epoch
         self.runner.fire(Event.EVAL_END, step=trainer.global_step, train_metrics=train, eval_metrics=dict(measured))
         for key, value in self.runner.state.eval_metrics.items():
             if key in measured and value != measured[key]:  # the hooks re-evaluated: Lightning reads the new value
-                pl_module.log(self.val_prefix + key.removeprefix("eval_"), value, on_step=False, on_epoch=True,
-                              sync_dist=True)
+                name = self.val_prefix + key.removeprefix("eval_")
+                pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True,
+                              prog_bar=name in trainer.progress_bar_metrics)  # the bar shows the new value too
 
 
     def _eval_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
@@ -225,6 +232,34 @@ class BNGuardCallback(pl.Callback):
             self.records = list(self._restored["records"])
 
 
+def _watch_metric_objects(module: pl.LightningModule, prefix: str) -> list[str]:
+    """Passes the module's ``self.log`` calls through to Lightning, noting the validation metrics logged as
+    torchmetrics objects, which a re-evaluation cannot measure (their state is Lightning's to compute)."""
+    seen: list[str] = []
+    logging = module.log
+
+    def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if name.startswith(prefix) and _is_metric_object(value) and name not in seen:
+            seen.append(name)
+        logging(name, value, *args, **kwargs)
+
+    module.log = log  # on this instance only; removed at the end of the validation
+    return seen
+
+
+def _refuse_metric_objects(names: list[str] | None) -> None:
+    if names:
+        raise ValueError(
+            f"the LightningModule logs {', '.join(map(repr, names))} as torchmetrics object(s), which bnguard's "
+            "re-evaluation after a recalibration cannot measure: log the value instead, e.g. "
+            f"self.log({names[0]!r}, self.metric(preds, target)) (Lightning averages it over the batches), or "
+            "leave AutoRecalibrate out. Nothing was recalibrated.")
+
+
+def _is_metric_object(value: Any) -> bool:
+    return hasattr(value, "compute") and hasattr(value, "reset") and hasattr(value, "update")
+
+
 def _validates(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
     """Whether this fit will run validation at all."""
     from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -252,7 +287,7 @@ def _collecting_logs(module: pl.LightningModule, logged: RunningMeans) -> Iterat
         if reduce_fx not in ("mean", torch.mean):
             raise ValueError(f"bnguard re-evaluates logged means only, and {name!r} is logged with "
                              f"reduce_fx={reduce_fx!r}: log it with the default mean")
-        if hasattr(value, "compute") and hasattr(value, "reset"):  # a torchmetrics Metric updated by the step
+        if _is_metric_object(value):  # a torchmetrics Metric updated by the step
             raise ValueError(f"bnguard cannot re-evaluate {name!r}, logged as a torchmetrics object: log its "
                              "value (metric(preds, target)) instead")
         logged.add(name, value, batch_size or batch_size_of(current_batch[0], required=False) or 1)
