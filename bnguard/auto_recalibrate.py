@@ -24,6 +24,10 @@ from .state import NO_TRAIN_BATCHES, State
 from .stopping import HOOK_TOLERANCE
 from .validation import fraction, positive_int
 
+_OTHER_MODEL = ("AutoRecalibrate(target=...) recalibrated {model}, and eval_{monitor} did not move at all: it "
+                "measures another model, most likely the trained one. Give the target's own metric as monitor, "
+                "e.g. monitor='ema_acc' with the evaluation returning it, and train_monitor='acc' for the trained "
+                "model's train metric it is compared with")
 NOTHING_TO_RECALIBRATE = "nothing to recalibrate: the model has no BatchNorm layer with running statistics"
 
 
@@ -34,15 +38,16 @@ class AutoRecalibrate(Hook):
     :class:`~bnguard.PreciseBN`), re-evaluates, keeps the new statistics, and records the verdict: stale
     statistics, or a gap they do not explain (after which it backs off).
 
-    ``monitor`` names the watched metric (``train_<monitor>`` / ``eval_<monitor>``); set
-    ``higher_is_better=False`` for a loss. The thresholds are the policy's (see its docstring).
+    ``monitor`` names the watched metric (``eval_<monitor>``, compared with ``train_<train_monitor>``,
+    ``train_monitor`` defaulting to ``monitor``); set ``higher_is_better=False`` for a loss. The thresholds are the policy's (see its docstring).
     ``probe_samples`` turns on a cheap check first: ``probe_score(outputs, batch)`` (per-sample; default
     accuracy) in eval mode against batch statistics on that many training samples, which skips the
     recalibration when the two agree. ``report_only=True`` detects and reports but never changes the
     statistics. BatchNorm layers that were not updating their statistics during training (frozen for
     fine-tuning) keep them, unless ``include_frozen=True``. ``target`` (a model, or a callable giving it)
-    recalibrates another model than the trained one, e.g. the EMA / SWA copy the evaluation uses. The README
-    explains how the defaults were chosen.
+    recalibrates another model than the trained one, e.g. an EMA / SWA copy; ``monitor`` must then be that
+    model's eval metric (``monitor="ema_acc"`` when the evaluation gives ``ema_acc``), compared with the trained
+    model's ``train_<train_monitor>`` (``train_monitor="acc"``). The README explains the defaults.
 
     Outside :class:`bnguard.Loop`, call :meth:`check` after evaluating.
     """
@@ -53,11 +58,13 @@ class AutoRecalibrate(Hook):
                  drop_threshold: float = 0.03, patience: int = 1, recovery_margin: float = 0.01,
                  max_cooldown: int = 8, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
                  probe_samples: int | None = None, probe_score: Score = batch_accuracy, report_only: bool = False,
-                 include_frozen: bool = False, target: Target = None, alert_every_s: float = 3600.0):
+                 include_frozen: bool = False, target: Target = None, alert_every_s: float = 3600.0,
+                 train_monitor: str | None = None):
         self.policy = DivergencePolicy(monitor=monitor, higher_is_better=higher_is_better,
                                        gap_threshold=gap_threshold, drop_threshold=drop_threshold,
                                        patience=patience, recovery_margin=recovery_margin, max_cooldown=max_cooldown)
         self.monitor, self.report_only, self.alert_every_s = monitor, report_only, alert_every_s
+        self.train_monitor = train_monitor or monitor
         self.tolerance = fraction("tolerance", tolerance, optional=True)
         self.num_samples = positive_int("num_samples", num_samples)
         self.probe_samples = positive_int("probe_samples", probe_samples, optional=True)
@@ -118,8 +125,10 @@ class AutoRecalibrate(Hook):
             restore_statistics(previous)
             raise
         metrics = dict(result) if isinstance(result, Mapping) else {f"eval_{self.monitor}": float(result)}
-        judged = self.policy.judge_recalibration(decision, metrics[f"eval_{self.monitor}"],
-                                                 nonfinite=nonfinite_names(metrics))
+        after = metrics[f"eval_{self.monitor}"]
+        if self.target is not None and after == decision.eval_before:
+            self._warn_once("target metric", _OTHER_MODEL.format(monitor=self.monitor, model=type(model).__name__))
+        judged = self.policy.judge_recalibration(decision, after, nonfinite=nonfinite_names(metrics))
         if judged.reverted:
             restore_statistics(previous)
         return replace(judged, recalibrated=not judged.reverted, samples=report.samples, report=report,
@@ -136,7 +145,7 @@ class AutoRecalibrate(Hook):
         self._frozen.observe(state)
 
     def on_eval_end(self, state: State) -> None:
-        eval_key, train_key = f"eval_{self.monitor}", f"train_{self.monitor}"
+        eval_key, train_key = f"eval_{self.monitor}", f"train_{self.train_monitor}"
         if eval_key not in state.eval_metrics:
             raise KeyError(f"AutoRecalibrate watches {eval_key!r} but the evaluation gave {sorted(state.eval_metrics)}")
         if train_key not in state.train_metrics:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .batches import default_forward, hook_batches
 from .recalibration import Forward
+from .state import State
 from .checkpoint import Checkpoints, records_copy, resolve_checkpoint
 from .console import show_progress
 from .events import Event
@@ -107,14 +108,8 @@ class Loop:
         no checkpoint at all means a fresh start (one command for the first start and every restart)."""
         state, acc = self.state, self.accelerator
         try:
-            epoch = 0
             checkpoint = resolve_checkpoint(resume_from, self.output_dir, missing_ok) if resume_from else None
-            if checkpoint is not None:
-                acc.load_state(str(checkpoint))
-                epoch = state.epoch + 1  # checkpoints are written once an epoch is over
-                if acc.is_main_process:
-                    print(f"bnguard: resumed from {checkpoint} ({epoch} epoch(s) done, step {state.step})",
-                          flush=True)
+            epoch = _resumed(acc, checkpoint, state) if checkpoint is not None else 0
             record = self.records.open(epochs_done=epoch, copy=records_copy(checkpoint) if checkpoint else None)
             if self.schedule.finished(epoch, state.step):
                 return self.records.finished(record)
@@ -203,6 +198,15 @@ def _accelerator(accelerator: Accelerator | None, gradient_accumulation_steps: i
             f"{accelerator.gradient_accumulation_steps}: set it on the Accelerator"
         )
     return accelerator
+
+
+def _resumed(acc: Accelerator, checkpoint: Path, state: State) -> int:
+    """Loads ``checkpoint`` into the run, says which one, and returns the epochs done."""
+    acc.load_state(str(checkpoint))
+    epochs = state.epoch + 1  # checkpoints are written once an epoch is over
+    if acc.is_main_process:
+        print(f"bnguard: resumed from {checkpoint} ({epochs} epoch(s) done, step {state.step})", flush=True)
+    return epochs
 
 
 def _run_config(loop: Loop) -> dict[str, Any]:

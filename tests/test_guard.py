@@ -221,6 +221,50 @@ def test_precise_bn_recalibrates_an_ema_copy_kept_in_eval_mode_at_the_first_eval
     assert not torch.equal(copied["1.running_mean"], ema.module.get_buffer("1.running_mean"))
 
 
+def ema_run(hook, epochs=2):
+    """A trained model with stale statistics and an EMA copy of it, both evaluated; ``hook`` watches."""
+    model = stale_model(dropout=0.0)
+    ema = EmaLikeTimm(model)
+    hook.target = ema
+    train_loader = DataLoader(toy_data(48), batch_size=8, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    images, labels = toy_data(32, seed=1).tensors
+
+    def evaluate():
+        with torch.no_grad():
+            was, _ = model.training, model.eval()
+            scores = {"acc": (model(images).argmax(1) == labels).double().mean().item(),
+                      "ema_acc": (ema(images).argmax(1) == labels).double().mean().item()}
+            model.train(was)
+        return scores
+
+    guard = bnguard.Guard(model, [hook], evaluate=evaluate, train_loader=train_loader)
+    for _ in range(epochs):
+        for batch_images, batch_labels in train_loader:
+            outputs = model(batch_images)
+            F.cross_entropy(outputs, batch_labels).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update(model)
+            guard.step(outputs, batch_labels)
+        guard.evaluated(evaluate())
+    return guard.records
+
+
+def test_auto_recalibrate_on_an_ema_copy_watches_the_copys_metric_against_the_trained_models():
+    records = ema_run(bnguard.AutoRecalibrate(monitor="ema_acc", train_monitor="acc"))
+    first = records[0]
+    assert first["recalibrated"] and first["diagnosis"] == bnguard.Verdict.STALE
+    assert first["eval_ema_acc"] > first["eval_ema_acc_before_recal"]
+
+
+def test_auto_recalibrate_on_an_ema_copy_judged_by_the_trained_models_metric_says_so():
+    with pytest.warns(UserWarning, match=r"eval_acc did not move at all: it measures another model, .* "
+                                         r"monitor='ema_acc'"):
+        records = ema_run(bnguard.AutoRecalibrate())
+    assert records[0]["recalibrated"] and records[0]["eval_acc"] == records[0]["eval_acc_before_recal"]
+
+
 def test_a_target_whose_layers_are_all_frozen_says_so_once_and_charts_survive(recwarn):
     torch.manual_seed(0)
     model = tiny_resnet()

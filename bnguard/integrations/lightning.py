@@ -171,9 +171,7 @@ class BNGuardCallback(pl.Callback):
         if not (self._evaluating(trainer) and self._pending_eval):
             return
         self._pending_eval = False
-        if "log" in vars(pl_module):  # the first validation's watch is over, before any hook acts on it
-            del pl_module.log
-            _refuse_metric_objects(self._metric_objects)
+        _end_watch(pl_module, self._metric_objects)  # the first validation's, before any hook acts on it
         measured = self._eval_metrics(trainer)
         train = {**self.runner.state.train_metrics, **self._train.means()}  # Lightning validates mid-epoch
         self.runner.fire(Event.EVAL_END, step=trainer.global_step, train_metrics=train, eval_metrics=dict(measured))
@@ -182,7 +180,6 @@ class BNGuardCallback(pl.Callback):
                 name = self.val_prefix + key.removeprefix("eval_")
                 pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True,
                               prog_bar=name in trainer.progress_bar_metrics)  # the bar shows the new value too
-
 
     def _eval_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """``val_<name>`` as ``eval_<name>``, averaged over processes so that every process decides alike."""
@@ -247,7 +244,11 @@ def _watch_metric_objects(module: pl.LightningModule, prefix: str) -> list[str]:
     return seen
 
 
-def _refuse_metric_objects(names: list[str] | None) -> None:
+def _end_watch(module: pl.LightningModule, names: list[str] | None) -> None:
+    """Ends the watch of :func:`_watch_metric_objects`, if one is on, refusing what it saw."""
+    if "log" not in vars(module):
+        return
+    del module.log
     if names:
         raise ValueError(
             f"the LightningModule logs {', '.join(map(repr, names))} as torchmetrics object(s), which bnguard's "

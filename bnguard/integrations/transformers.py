@@ -205,25 +205,10 @@ class BNGuardCallback(transformers.TrainerCallback):
         changed = {key: value for key, value in self.runner.state.eval_metrics.items()
                    if key in measured and value != measured[key]}
         metrics.update(changed)  # the same dict the Trainer then picks its best model by
-        if changed and state.is_world_process_zero:  # the Trainer has printed the values it measured
-            shown = ", ".join(f"{key} {value:.4f}" for key, value in changed.items())
-            print(f"bnguard: after recalibration {shown} (the eval line above had the stale statistics)", flush=True)
         self.runner.state.trackers.log_evaluation(changed, state.global_step)
-        if self.runner.state.record:
-            self._add_to_log_history(state, measured, changed)
+        _report_evaluation(state, measured, changed, self.runner.state.record)
         if self._epoch_end_pending:
             self._end_epoch()
-
-    def _add_to_log_history(self, state: Any, measured: dict[str, float], changed: dict[str, float]) -> None:
-        """The re-evaluated metrics as a copy of the Trainer's own entry for this evaluation, with the same
-        keys (transformers' model card builds one table from all eval entries and needs them alike), then the
-        decision in an entry of its own, under ``bnguard/`` keys, which the Trainer's readers pass over."""
-        if changed:
-            own = next((entry for entry in reversed(state.log_history)
-                        if entry.get("step") == state.global_step and measured.keys() <= entry.keys()), None)
-            state.log_history.append({**(own or {"step": state.global_step}), **changed})
-        decision = {f"bnguard/{key}": value for key, value in self.runner.state.record.items()}
-        state.log_history.append({**decision, "step": state.global_step})
 
     def _reevaluate(self) -> dict[str, float]:
         """The Trainer's evaluation loop run again, its callback events silenced and the global random state
@@ -255,6 +240,25 @@ class BNGuardCallback(transformers.TrainerCallback):
             if state.is_world_process_zero and whole_epochs and (final / STATE_FILE).exists():
                 self._write_state(final, state.global_step)  # the final checkpoint, with the last epoch's record
             self.runner.fire(Event.FIT_END)
+
+
+def _report_evaluation(state: Any, measured: dict[str, float], changed: dict[str, float],
+                       record: dict[str, Any]) -> None:
+    """Says on the console what a recalibration changed (the Trainer has printed what it measured), and adds
+    to ``state.log_history`` the re-evaluated metrics as a copy of the Trainer's own entry for this
+    evaluation, with the same keys (transformers' model card builds one table from all eval entries and needs
+    them alike), then the decision in an entry of its own, under ``bnguard/`` keys, which the Trainer's
+    readers pass over."""
+    if changed and state.is_world_process_zero:
+        shown = ", ".join(f"{key} {value:.4f}" for key, value in changed.items())
+        print(f"bnguard: after recalibration {shown} (the eval line above had the stale statistics)", flush=True)
+    if changed:
+        own = next((entry for entry in reversed(state.log_history)
+                    if entry.get("step") == state.global_step and measured.keys() <= entry.keys()), None)
+        state.log_history.append({**(own or {"step": state.global_step}), **changed})
+    if record:
+        state.log_history.append({**{f"bnguard/{key}": value for key, value in record.items()},
+                                  "step": state.global_step})
 
 
 def _resumed_folder() -> Path | None:
