@@ -39,7 +39,8 @@ class AutoRecalibrate(Hook):
     statistics, or a gap they do not explain (after which it backs off).
 
     ``monitor`` names the watched metric (``eval_<monitor>``, compared with ``train_<train_monitor>``,
-    ``train_monitor`` defaulting to ``monitor``); set ``higher_is_better=False`` for a loss. The thresholds are the policy's (see its docstring).
+    ``train_monitor`` defaulting to ``monitor``); set ``higher_is_better=False`` for a loss. The thresholds
+    are the policy's (see its docstring).
     ``probe_samples`` turns on a cheap check first: ``probe_score(outputs, batch)`` (per-sample; default
     accuracy) in eval mode against batch statistics on that many training samples, which skips the
     recalibration when the two agree. ``report_only=True`` detects and reports but never changes the
