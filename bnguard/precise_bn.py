@@ -5,9 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+from torch import nn
+
 from .console import WarnOnce
 from .frozen import FrozenDuringTraining, Target, nothing_recalibrated, recalibration_target
 from .hooks import Hook
+from .isolation import restore_statistics, saved_statistics
 from .recalibration import recalibrate
 from .records import RecordKeys
 from .state import NO_TRAIN_BATCHES, State
@@ -28,18 +32,29 @@ class PreciseBN(Hook):
     updating their statistics during training (frozen for fine-tuning) keep them, unless ``include_frozen``.
     ``target`` (a model, or a callable giving it) recalibrates another model than the trained one, e.g. the
     EMA / SWA copy the evaluation uses.
+
+    The first recalibration is checked: ``eval_<monitor>`` is measured again with the statistics it replaced,
+    and when the new ones are worse by more than ``margin`` (in the metric's units) they are undone, with a
+    warning naming the likely cause (recalibration batches not prepared like the training batches).
+    ``monitor=None`` skips the check, which costs one evaluation per run.
     """
 
     acts_at_evaluation = writes_decisions = True
 
     def __init__(self, every_n_evals: int = 1, *, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
-                 include_frozen: bool = False, target: Target = None):
+                 include_frozen: bool = False, target: Target = None, monitor: str | None = "loss",
+                 higher_is_better: bool = False, margin: float = 0.05):
         self.every_n_evals = positive_int("every_n_evals", every_n_evals)
         self.tolerance = fraction("tolerance", tolerance, optional=True)
         self.num_samples = positive_int("num_samples", num_samples)
         self.include_frozen, self.target, self._frozen = include_frozen, target, FrozenDuringTraining()
-        self.evaluations = 0
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+            raise ValueError(f"margin must be a number >= 0 (in the units of eval_{monitor}), got {margin!r}")
+        self.monitor, self.higher_is_better, self.margin = monitor, higher_is_better, margin
+        self.reevaluates = monitor is not None
+        self.evaluations, self.checked = 0, monitor is None
         self._outcome: dict[str, Any] = {}
+        self._replaced: tuple[nn.Module, dict[torch.Tensor, torch.Tensor]] | None = None
         self._started, self._warn_once = False, WarnOnce()
 
     def on_fit_start(self, state: State) -> None:
@@ -58,6 +73,8 @@ class PreciseBN(Hook):
             return
         started = time.perf_counter()
         model, frozen = recalibration_target(self.target, state, self._frozen)
+        if not self.checked:
+            self._replaced = (model, saved_statistics(model))
         report = recalibrate(model, state.train_batches(), tolerance=self.tolerance, num_samples=self.num_samples,
                              accelerator=state.accelerator, frozen=frozen, forward=state.forward,
                              include_frozen=self.include_frozen, progress=False)
@@ -79,16 +96,42 @@ class PreciseBN(Hook):
             self._outcome = {RecordKeys.RECALIBRATED: False, RecordKeys.SECONDS: 0.0, RecordKeys.SAMPLES: 0,
                              RecordKeys.REASON: "no EVAL_START was fired: nothing recalibrated"}
         self._started = False
+        if self._replaced is not None and self._outcome[RecordKeys.RECALIBRATED]:
+            self._check(state, *self._replaced)
+        self._replaced = None
         state.record.update(RecordKeys.of(self.decision_prefix, self._outcome))
         state.log(RecordKeys.tracked(self.decision_prefix, {
             RecordKeys.RECALIBRATED: float(self._outcome[RecordKeys.RECALIBRATED]),
             RecordKeys.SECONDS: self._outcome[RecordKeys.SECONDS]}))
 
+    def _check(self, state: State, model: nn.Module, replaced: dict[torch.Tensor, torch.Tensor]) -> None:
+        """The first recalibration against the statistics it replaced, on ``eval_<monitor>``."""
+        key = f"eval_{self.monitor}"
+        if key not in state.eval_metrics:
+            self._warn_once("check", f"PreciseBN checks its first recalibration on {key}, which the evaluation "
+                            f"does not give ({sorted(state.eval_metrics)}): pass monitor= one it gives")
+            return
+        self.checked = True
+        recalibrated = saved_statistics(model)
+        restore_statistics(replaced)
+        before = state.evaluate()
+        new, old = state.eval_metrics[key], before[key]
+        if (old - new if self.higher_is_better else new - old) <= self.margin:
+            restore_statistics(recalibrated)
+            return
+        state.eval_metrics = {**state.eval_metrics, **before}  # what the statistics kept give
+        self._outcome = {**self._outcome, RecordKeys.RECALIBRATED: False,
+                         RecordKeys.REASON: f"recalibration made {key} worse ({old:.4g} -> {new:.4g}): undone"}
+        self._warn_once("worse", f"PreciseBN's first recalibration made {key} worse ({old:.4g} -> {new:.4g}), so "
+                        "it was undone: the recalibration batches are most likely not prepared like the training "
+                        "batches (normalization, augmentation, forward=); later recalibrations are not checked")
+
     def _schedule(self) -> str:
         return "always" if self.every_n_evals == 1 else f"scheduled: every {self.every_n_evals} evaluations"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"evaluations": self.evaluations}
+        return {"evaluations": self.evaluations, "checked": self.checked}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.evaluations = state["evaluations"]
+        self.checked = state.get("checked", True)  # a state saved before the check existed: past its first

@@ -8,7 +8,7 @@ import torch
 
 import bnguard
 from bnguard import Hook, PreciseBN
-from helpers import assert_same_tensors, buffers_of, toy_loop
+from helpers import assert_same_tensors, buffers_of, toy_data, toy_loop
 
 
 def records(path):
@@ -121,3 +121,34 @@ def test_evaluations_without_eval_start_are_named_once(tmp_path):
     assert len(caught) == 1
     assert runner.state.record == {"recalibrated": False, "recal_seconds": 0.0, "recal_samples": 0,
                                    "reason": "no EVAL_START was fired: nothing recalibrated"}
+
+
+def test_a_first_recalibration_that_makes_eval_worse_is_undone_and_said(tmp_path):
+    class Before(Hook):  # the statistics the first evaluation starts from
+        def on_eval_start(self, state):
+            self.buffers = getattr(self, "buffers", None) or buffers_of(state.unwrapped_model)
+
+    before, snapshot = Before(), Snapshot()
+    images, labels = toy_data(64).tensors
+    unprepared = [(images[i:i + 8] * 50 + 20, labels[i:i + 8]) for i in range(0, 64, 8)]  # not normalized
+    loop = toy_loop(tmp_path, hooks=[before, PreciseBN(), snapshot], epochs=2, recalibration_loader=unprepared)
+    with pytest.warns(UserWarning, match=r"first recalibration made eval_loss worse .* not prepared like the "
+                                         r"training batches"):
+        loop.fit()
+    first, second = records(tmp_path)
+    assert not first["recalibrated"] and first["reason"].startswith("recalibration made eval_loss worse")
+    assert second["recalibrated"] and second["reason"] == "always"  # checked once only
+    assert_same_tensors(snapshot.at_eval[0], before.buffers)  # the first evaluation kept what it had
+
+
+def test_a_first_recalibration_that_helps_is_kept_bit_for_bit(tmp_path):
+    counter, snapshot = Count(), Snapshot()
+    loop = toy_loop(tmp_path, hooks=[PreciseBN(every_n_evals=1), counter, snapshot], epochs=1)
+    loop.fit()
+    [row] = records(tmp_path)
+    assert row["recalibrated"] and row["reason"] == "always"
+    expected = snapshot.after_training
+    loop.train_batches.draws -= 1
+    bnguard.recalibrate(expected, loop.train_batches(), tolerance=bnguard.HOOK_TOLERANCE, num_samples=4096,
+                        progress=False)
+    assert_same_tensors(buffers_of(expected), snapshot.at_eval[-1])
