@@ -90,8 +90,7 @@ class AutoRecalibrate(Hook):
         batches, or a callable giving them (called only to recalibrate or probe); ``nonfinite``: the NaN/Inf
         metrics' names; ``frozen``: BatchNorm layers to leave alone; ``forward(model, batch)``: as in
         :func:`recalibrate`. Every process must call it, with the same (gathered) metrics."""
-        if (percent := _percent_warning(self.policy, eval_value, train_value)) is not None:
-            self._warn_once("scale", percent)
+        _warn_if_percent(self._warn_once, self.policy, eval_value, train_value)
         decision = self.policy.check(eval_value, train_value, nonfinite=nonfinite)
         if decision.wants_recalibration and not has_running_statistics(model):
             decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
@@ -184,18 +183,18 @@ class AutoRecalibrate(Hook):
         self.history = list(state["history"])
 
 
-def _percent_warning(policy: DivergencePolicy, *values: float | None) -> str | None:
-    """What to say of an accuracy on a 0-100 scale (torchvision's and timm's top1), which would turn the
-    thresholds, in the metric's own units, into hundredths of a point; None when there is nothing to say."""
+def _warn_if_percent(warn_once: WarnOnce, policy: DivergencePolicy, *values: float | None) -> None:
+    """Says once that an accuracy is on a 0-100 scale (torchvision's and timm's top1), which turns the
+    thresholds, in the metric's own units, into hundredths of a point."""
     above = [value for value in values if value is not None and math.isfinite(value) and value > 1]
     if not (policy.higher_is_better and above and policy.gap_threshold < 1):  # scaled thresholds: meant so
-        return None
-    return (f"AutoRecalibrate: {policy.monitor} is {above[0]:g}, above 1: a percentage? Its thresholds are in "
-            f"the metric's own units (gap_threshold {policy.gap_threshold:g}, drop_threshold "
-            f"{policy.drop_threshold:g}, recovery_margin {policy.recovery_margin:g}), so here they are that many "
-            f"points: give the accuracy as a fraction (divide by 100), or scale them, e.g. AutoRecalibrate("
-            f"gap_threshold={100 * policy.gap_threshold:g}, drop_threshold={100 * policy.drop_threshold:g}, "
-            f"recovery_margin={100 * policy.recovery_margin:g})")
+        return
+    warn_once("scale", f"AutoRecalibrate: {policy.monitor} is {above[0]:g}, above 1: a percentage? Its thresholds "
+              f"are in the metric's own units (gap_threshold {policy.gap_threshold:g}, drop_threshold "
+              f"{policy.drop_threshold:g}, recovery_margin {policy.recovery_margin:g}), so here they are that many "
+              f"points: give the accuracy as a fraction (divide by 100), or scale them, e.g. AutoRecalibrate("
+              f"gap_threshold={100 * policy.gap_threshold:g}, drop_threshold={100 * policy.drop_threshold:g}, "
+              f"recovery_margin={100 * policy.recovery_margin:g})")
 
 
 def _call(batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> Iterable[Any]:

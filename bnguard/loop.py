@@ -114,7 +114,8 @@ class Loop:
             if self.schedule.finished(epoch, state.step):
                 return self.records.finished(record)
             start_trackers(acc, self.trackers, project=self.project, output_dir=self.output_dir,
-                           config={**_run_config(self), **self.config}, run_name=self.run_name)
+                           config={**_run_config(self), **self.config}, run_name=self.run_name,
+                           resuming=checkpoint is not None)
             self.runner.fire(Event.FIT_START)
             while not self.schedule.finished(epoch, state.step) and not state.should_stop:
                 record = self._run_epoch(epoch)

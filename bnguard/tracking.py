@@ -19,6 +19,7 @@ import numpy as np
 from .distributed import process_info
 
 TRACKER_CHOICES = ("wandb", "tensorboard", "all", "none")
+WANDB_RUN_ID = "wandb-run-id"  # in the output folder: the W&B run a resumed run continues
 
 
 class Histogram(NamedTuple):
@@ -57,13 +58,15 @@ def wandb_has_api_key() -> bool:
 
 def start_trackers(
     accelerator: Any, tracker: str | list[str] | None, *, project: str, output_dir: str | Path,
-    config: dict[str, Any] | None = None, run_name: str | None = None,
+    config: dict[str, Any] | None = None, run_name: str | None = None, resuming: bool = False,
 ) -> None:
     """Starts each tracker (``"wandb"``, ``"tensorboard"``, ``"all"``, ``"none"`` or a list) on the main
     process and appends it to ``accelerator.trackers``; ``accelerator.end_training()`` finishes them.
 
     W&B runs offline when no API key is configured and WANDB_MODE is unset; the run's folder and the
-    ``wandb sync`` command are printed. A tracker that fails to start is dropped with one warning.
+    ``wandb sync`` command are printed. Its run id is kept in ``output_dir`` (:data:`WANDB_RUN_ID`), and a
+    ``resuming`` run continues that W&B run instead of opening another. A tracker that fails to start is
+    dropped with one warning.
     """
     names, output_dir, config = tracker_names(tracker), Path(output_dir), dict(config or {})
     if not accelerator.is_main_process:
@@ -80,6 +83,8 @@ def start_trackers(
                 kwargs: dict[str, Any] = {"dir": str(output_dir), "name": run_name}
                 if "WANDB_MODE" not in os.environ and not wandb_has_api_key():
                     kwargs["mode"] = "offline"
+                if resuming and (output_dir / WANDB_RUN_ID).is_file():
+                    kwargs.update(id=(output_dir / WANDB_RUN_ID).read_text().strip(), resume="allow")
                 tracker = WandBTracker(project, **kwargs)
             else:
                 tracker = TensorBoardTracker(run_name or project, str(output_dir / "tensorboard"))
@@ -91,6 +96,11 @@ def start_trackers(
             warnings.warn(f"tracker {name!r} could not start and is left out: {error!r}", stacklevel=3)
             continue
         accelerator.trackers.append(tracker)
+        if name == "wandb":
+            output_dir.mkdir(parents=True, exist_ok=True)
+            partial = output_dir / f"{WANDB_RUN_ID}.partial"
+            partial.write_text(tracker.run.id)
+            partial.replace(output_dir / WANDB_RUN_ID)
         if name == "wandb" and tracker.run.settings.mode == "offline":
             run_dir = Path(tracker.run.dir).parent
             print(f"W&B run written offline to {run_dir}\n  upload it later with: wandb sync {run_dir}")

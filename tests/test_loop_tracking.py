@@ -62,6 +62,24 @@ def test_two_deciding_hooks_keep_their_own_record_fields_and_tracker_keys(tmp_pa
     assert not [r for r in logged if "bnguard/recalibrated" in r]
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, no_wandb_settings):
+    class Interrupt(bnguard.Hook):
+        def on_epoch_start(self, state):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        toy_loop(tmp_path, hooks=[Interrupt()], epochs=2, tracker="wandb", checkpoint_every_epochs=1).fit()
+    first_id = (tmp_path / "wandb-run-id").read_text()
+    toy_loop(tmp_path, epochs=2, tracker="wandb", checkpoint_every_epochs=1).fit(resume_from="latest")
+    runs = sorted(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and [run.name.rsplit("-", 1)[1] for run in runs] == [first_id, first_id]
+    assert (tmp_path / "wandb-run-id").read_text() == first_id
+    fresh = tmp_path / "fresh"
+    toy_loop(fresh, epochs=1, tracker="wandb").fit()
+    assert (fresh / "wandb-run-id").read_text() != first_id
+
+
 def test_tensorboard_missing_names_the_package_to_install(tmp_path, monkeypatch):
     for package in ("tensorboard", "tensorboardX", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, package, None)  # as if not installed
