@@ -215,9 +215,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         for mode in modes:
             results[mode] = train(args, mode, data, output_dir / mode if args.compare else output_dir, accelerator)
     except KeyboardInterrupt:  # the checkpoints are whole: say how to go on instead of a traceback
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and any(output_dir.glob("**/checkpoints/epoch-*")):
             print(f"\ninterrupted; continue from the last checkpoint with:\n  "
                   f"{resume_command(sys.argv[1:] if argv is None else argv, output_dir)}", flush=True)
+        elif accelerator.is_main_process:
+            print(f"\ninterrupted before the first checkpoint (one every --checkpoint-every {args.checkpoint_every} "
+                  "epochs): start the run again", flush=True)
         raise SystemExit(130) from None
     if accelerator.is_main_process:
         plot = plot_accuracy({m: r["records"] for m, r in results.items()}, output_dir / "accuracy.png",

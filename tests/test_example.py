@@ -138,8 +138,13 @@ def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path, monkeypatch,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "train", interrupted)
+    argv = ["--epochs", "2", "--output-dir", str(tmp_path), "--bnguard", "always"]
     with pytest.raises(SystemExit) as stopped:
-        train.main(["--epochs", "2", "--output-dir", str(tmp_path), "--bnguard", "always"])
+        train.main(argv)
     assert stopped.value.code == 130
+    assert "interrupted before the first checkpoint (one every --checkpoint-every 4 epochs)" in capsys.readouterr().out
+    (tmp_path / "checkpoints" / "epoch-0004").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        train.main(argv)
     assert (f"accelerate launch examples/train.py --epochs 2 --bnguard always --resume latest --output-dir "
             f"{tmp_path}") in capsys.readouterr().out
