@@ -110,6 +110,7 @@ def test_a_model_whose_batchnorm_is_all_frozen_is_not_recorded_as_recalibrated(t
                         eval_loader=DataLoader(toy_data(8, seed=1), batch_size=4), epochs=1, output_dir=tmp_path,
                         progress=False, hooks=[precise, auto])
     record = loop.fit()
-    assert record["recalibrated"] is False and record["recal_samples"] == 0
-    assert "nothing recalibrated: all 1 BatchNorm layers skipped (1 frozen" in record["reason"]
+    for hook in ("PreciseBN", "AutoRecalibrate"):  # two deciding hooks: each under its own name
+        assert record[f"{hook}/recalibrated"] is False and record[f"{hook}/recal_samples"] == 0
+        assert "nothing recalibrated: all 1 BatchNorm layers skipped (1 frozen" in record[f"{hook}/reason"]
     assert auto.history[-1]["recalibrated"] is False and auto.history[-1]["samples"] == 0

@@ -73,7 +73,8 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, no_wandb_settings):
     first_id = (tmp_path / "wandb-run-id").read_text()
     toy_loop(tmp_path, epochs=2, tracker="wandb", checkpoint_every_epochs=1).fit(resume_from="latest")
     runs = sorted(tmp_path.glob("wandb/offline-run-*"))
-    assert len(runs) == 2 and [run.name.rsplit("-", 1)[1] for run in runs] == [first_id, first_id]
+    # offline-run-<date>_<time>-<id>, with -1 after a second folder of the same second
+    assert len(runs) == 2 and [run.name.split("-")[3] for run in runs] == [first_id, first_id]
     assert (tmp_path / "wandb-run-id").read_text() == first_id
     fresh = tmp_path / "fresh"
     toy_loop(fresh, epochs=1, tracker="wandb").fit()
