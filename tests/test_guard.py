@@ -194,6 +194,16 @@ class EmaLikeTimm(torch.nn.Module):
         return self.module(x)
 
 
+def train_epoch_with_ema(model, ema, optimizer, loader, guard):
+    for images, labels in loader:
+        outputs = model(images)
+        F.cross_entropy(outputs, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model)
+        guard.step(outputs, labels)
+
+
 def test_precise_bn_recalibrates_an_ema_copy_kept_in_eval_mode_at_the_first_evaluation():
     torch.manual_seed(0)
     model = tiny_resnet()
@@ -205,13 +215,7 @@ def test_precise_bn_recalibrates_an_ema_copy_kept_in_eval_mode_at_the_first_eval
     eval_images, eval_labels = toy_data(32, seed=1).tensors
     evaluate = lambda: {"acc": (ema(eval_images).argmax(1) == eval_labels).double().mean().item()}  # noqa: E731
     guard = bnguard.Guard(model, [bnguard.PreciseBN(target=ema)], evaluate=evaluate, train_loader=train_loader)
-    for images, labels in train_loader:
-        outputs = model(images)
-        F.cross_entropy(outputs, labels).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.update(model)
-        guard.step(outputs, labels)
+    train_epoch_with_ema(model, ema, optimizer, train_loader, guard)
     expected, copied = copy.deepcopy(ema.module), buffers_of(ema.module)
     guard.evaluate()
     assert guard.records[0]["recalibrated"] is True and guard.records[0]["recal_samples"] == 48
@@ -240,13 +244,7 @@ def ema_run(hook, epochs=2):
 
     guard = bnguard.Guard(model, [hook], evaluate=evaluate, train_loader=train_loader)
     for _ in range(epochs):
-        for batch_images, batch_labels in train_loader:
-            outputs = model(batch_images)
-            F.cross_entropy(outputs, batch_labels).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            ema.update(model)
-            guard.step(outputs, batch_labels)
+        train_epoch_with_ema(model, ema, optimizer, train_loader, guard)
         guard.evaluated(evaluate())
     return guard.records
 
