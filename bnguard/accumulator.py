@@ -148,9 +148,14 @@ class Accumulators:
         valid = ((counts > 0) & ~bad)[:, self.index]
         return counts[:, self.index], means, variances, valid, bad.sum(0)
 
+    @property
+    def pending(self) -> bool:
+        """Whether any layer has rows written since the last flush."""
+        return any(rows.counts for rows in self.of.values())
+
     def flush(self, reuse_rows: bool = True) -> None:
         """Pools every row written so far into the moments and the spread, and frees the rows."""
-        if not any(self.of[layer].counts for layer in self.layers):
+        if not self.pending:
             return
         counts, means, variances, valid, dropped = self._rows()
         self.moments = self.moments.merge(pool_batches(counts, means, variances, valid)[0])
@@ -165,7 +170,7 @@ class Accumulators:
 
     def sum_spread(self) -> BatchSpread:
         """The spread of every call so far, the rows not yet pooled included."""
-        if not any(self.of[layer].counts for layer in self.layers):
+        if not self.pending:
             return self.spread
         counts, means, variances, valid, _ = self._rows()
         return self.spread.add(counts, means, variances, valid)

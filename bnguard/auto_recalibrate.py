@@ -214,12 +214,10 @@ def _tracker_values(decision: Decision, eval_key: str, prefix: str) -> dict[str,
     values = {RecordKeys.RECALIBRATED: float(decision.recalibrated), RecordKeys.SECONDS: decision.seconds}
     values.update({name: getattr(decision, name) for name in ("gap", "drop", "gained")
                    if getattr(decision, name) is not None})
-    if decision.recalibrated:
-        values[RecordKeys.before_recal(eval_key)] = decision.eval_before
-    values = RecordKeys.tracked(prefix, values)
-    if decision.recalibrated:
-        values[eval_key] = decision.eval_after
-    return values
+    if not decision.recalibrated:
+        return RecordKeys.tracked(prefix, values)
+    values[RecordKeys.before_recal(eval_key)] = decision.eval_before
+    return {**RecordKeys.tracked(prefix, values), eval_key: decision.eval_after}
 
 
 def _console_line(d: Decision, monitor: str, state: State) -> str:

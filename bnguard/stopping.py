@@ -13,7 +13,7 @@ from .spread import BatchSpread
 
 TOLERANCE_MET = "tolerance met"
 # The hooks' default: the largest measured that kept the eval accuracy of a full pass, on the example and
-# on resnet18, with 480 to 640 samples (README, "How the hooks' tolerance was chosen").
+# on resnet18, with 512 to 640 samples (README, "How the hooks' tolerance was chosen").
 HOOK_TOLERANCE = 0.3
 END_OF_DATA = "end of data"
 # Checked after 4 batches, then every second batch up to 16 and every eighth of the batches seen after: the
