@@ -1,0 +1,26 @@
+"""``bnguard`` on the command line: inspect and repair the BatchNorm statistics of a saved model."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from .arguments import parse_args
+from .commands import run
+from .errors import BAD_INPUT, DONE, FAILED, NOT_WRITTEN_WORSE, InputError
+
+__all__ = ["BAD_INPUT", "DONE", "FAILED", "NOT_WRITTEN_WORSE", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command and returns its exit code (bad options exit with 2 through argparse)."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except InputError as error:
+        print(f"bnguard {args.command}: {error}", file=sys.stderr)
+        return BAD_INPUT
+    except Exception:  # noqa: BLE001 - anything else is a failure to report, with where it happened
+        traceback.print_exc()
+        print(f"bnguard {args.command}: failed; no checkpoint was written", file=sys.stderr)
+        return FAILED

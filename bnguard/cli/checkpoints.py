@@ -1,0 +1,136 @@
+"""Saved models as they come: a bnguard Loop checkpoint folder, a Lightning ``.ckpt``, a Hugging Face
+``save_pretrained`` folder, or a plain state dict (``.pt`` / ``.safetensors``); read, and written back whole or
+not at all in the same form."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import MANIFEST, CheckpointError, verify_checkpoint, write_manifest
+from .errors import InputError
+
+LOOP, LIGHTNING, HF, STATE_DICT = "bnguard Loop checkpoint", "Lightning checkpoint", "Hugging Face folder", "state dict"
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class WeightsFile:
+    """One file of tensors: what it holds, and the safetensors metadata to write back with it."""
+
+    path: Path
+    content: Any
+    metadata: dict[str, str] | None = None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    kind: str
+    files: list[WeightsFile] = field(default_factory=list)
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    if not path.exists():
+        raise InputError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _open_folder(path)
+    kind = LIGHTNING if path.suffix == ".ckpt" else STATE_DICT
+    return Checkpoint(path, kind, [_read(path)])
+
+
+def _open_folder(path: Path) -> Checkpoint:
+    if (path / MANIFEST).is_file():
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            raise InputError(f"{error}: repair a checkpoint that verifies, e.g. the one before it") from None
+        names = sorted(p.name for p in path.iterdir() if p.name.startswith(("model", "pytorch_model"))
+                       and p.suffix in (".safetensors", ".bin"))
+        return Checkpoint(path, LOOP, [_read(path / name) for name in names])
+    if (path / "config.json").is_file():
+        if any(path.glob("*.index.json")):
+            raise InputError(f"{path} holds sharded weights, which bnguard does not read: save the model again "
+                             "with save_pretrained(..., max_shard_size='100GB') to get one file")
+        for name in _HF_WEIGHTS:
+            if (path / name).is_file():
+                return Checkpoint(path, HF, [_read(path / name)])
+        raise InputError(f"{path} has a config.json but none of {', '.join(_HF_WEIGHTS)}")
+    raise InputError(f"{path} is a folder but neither a bnguard Loop checkpoint ({MANIFEST}) nor a Hugging Face "
+                     "model folder (config.json): give the checkpoint folder itself or a weights file")
+
+
+def _read(path: Path) -> WeightsFile:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), "pt") as opened:
+                metadata = opened.metadata()
+            return WeightsFile(path, load_file(str(path)), metadata)
+        except SafetensorError as error:
+            raise InputError(f"{path} is not a readable safetensors file ({error})") from None
+    try:
+        return WeightsFile(path, torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as error:
+        raise InputError(f"{path} holds Python objects besides tensors and plain containers, which bnguard does "
+                         f"not unpickle ({str(error).splitlines()[0]}): save model.state_dict() instead") from None
+    except (RuntimeError, EOFError) as error:
+        raise InputError(f"{path} is not a readable PyTorch file ({error})") from None
+
+
+def check_output(checkpoint: Checkpoint, out: Path) -> None:
+    """Refuses an output that is the input, lies inside it, exists, or would change the file's format."""
+    source, target = checkpoint.path.resolve(), out.resolve()
+    if target == source or source in target.parents:
+        raise InputError(f"--out {out} is the checkpoint itself or inside it: bnguard never overwrites its input; "
+                         "give a new path")
+    if out.exists():
+        raise InputError(f"--out {out} exists: bnguard does not replace files; remove it or give a new path")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    if checkpoint.path.is_file() and out.suffix != checkpoint.path.suffix:
+        raise InputError(f"--out {out}: the checkpoint is written back in its own format, name it *"
+                         f"{checkpoint.path.suffix}")
+
+
+def write_checkpoint(checkpoint: Checkpoint, changed: list[WeightsFile], out: Path) -> None:
+    """The checkpoint with ``changed`` files in place of their originals, at ``out``: built beside it under a
+    temporary name and renamed into place once complete, so ``out`` is whole or absent."""
+    partial = out.parent / f".{out.name}.partial"
+    _remove(partial)  # left by an earlier interrupted write
+    try:
+        if checkpoint.path.is_dir():
+            shutil.copytree(checkpoint.path, partial)
+            for weights in changed:
+                _save(weights, partial / weights.path.name)
+            if checkpoint.kind == LOOP:
+                write_manifest(partial)
+        else:
+            _save(changed[0], partial)
+        os.replace(partial, out)
+    finally:
+        _remove(partial)
+
+
+def _save(weights: WeightsFile, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(weights.content, str(path), metadata=weights.metadata)
+    else:
+        torch.save(weights.content, path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
