@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,8 +82,13 @@ def _read(path: Path) -> WeightsFile:
     try:
         return WeightsFile(path, torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as error:
-        raise InputError(f"{path} holds Python objects besides tensors and plain containers, which bnguard does "
-                         f"not unpickle ({str(error).splitlines()[0]}): save model.state_dict() instead") from None
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"{path} is not a readable PyTorch file (not written by torch.save)") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise InputError(f"{path} holds Python objects{what} besides tensors and plain containers, which bnguard "
+                         "does not unpickle (that would run code from the file): save model.state_dict() instead") \
+            from None
     except (RuntimeError, EOFError) as error:
         raise InputError(f"{path} is not a readable PyTorch file ({error})") from None
 
@@ -121,7 +128,8 @@ def write_checkpoint(checkpoint: Checkpoint, changed: list[WeightsFile], out: Pa
 
 
 def _save(weights: WeightsFile, path: Path) -> None:
-    if path.suffix == ".safetensors":
+    """In the format of the file it was read from."""
+    if weights.path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
         save_file(weights.content, str(path), metadata=weights.metadata)

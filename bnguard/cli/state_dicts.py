@@ -48,9 +48,9 @@ def load_model_state(model: nn.Module, checkpoint: Checkpoint, target: str) -> L
             if best is None or problems[0] < best[0]:
                 best = problems
     if best is None:
-        wanted = "an AveragedModel's state (n_averaged and module.* keys)" if target == AVERAGED else \
-            f"the model's keys (e.g. {required[0]})"
-        raise InputError(f"{checkpoint.path} holds no {wanted}: check --model / --model-kwargs"
+        wanted = "no AveragedModel state (n_averaged and module.* keys)" if target == AVERAGED else \
+            f"none of the model's keys (e.g. {required[0]})"
+        raise InputError(f"{checkpoint.path} holds {wanted}: check --model / --model-kwargs"
                          + ("" if target == AVERAGED else ", or --target averaged for an averaged model's file"))
     raise InputError(f"{checkpoint.path} does not match the model: {best[1]}; check --model / --model-kwargs")
 

@@ -1,0 +1,64 @@
+"""What the command-line tests hand to ``bnguard``: data factories (given as tests/cli_setup.py:NAME) and a
+way to run the command as a user would, in its own process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import toy_data
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+
+
+def loaders(size: int = 8, n_train: int = 48, n_eval: int = 24, batch_size: int = 8, offset: float = 0.0,
+            train_shift: float = 0.0, train_scale: float = 1.0, channels: int = 1):
+    """(train, eval) loaders of toy images plus ``offset``; the training order fixed by its own generator, so
+    a second call gives the same batches. ``train_scale`` / ``train_shift`` make training inputs unlike the
+    eval ones; ``channels`` copies of the one channel."""
+    images, labels = toy_data(n_train, size=size).tensors
+    train = TensorDataset(((images + offset) * train_scale + train_shift).repeat(1, channels, 1, 1), labels)
+    shuffled = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    images, labels = toy_data(n_eval, seed=1, size=size).tensors
+    return shuffled, DataLoader(TensorDataset((images + offset).repeat(1, channels, 1, 1), labels),
+                                batch_size=batch_size)
+
+
+def dict_loaders(n_train: int = 32, n_eval: int = 16, batch_size: int = 8):
+    """A dict of loaders of Hugging Face style batches (pixel_values, labels)."""
+    from hf_setup import ImageDicts
+
+    train = DataLoader(ImageDicts(n_train), batch_size=batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    return {"train": train, "eval": DataLoader(ImageDicts(n_eval, seed=1), batch_size=batch_size)}
+
+
+def no_batchnorm():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+
+
+def bnguard(*args, cwd=ROOT, launcher=(sys.executable, "-m", "bnguard")):
+    """The command line in a new process, from the repository root; returns the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    return subprocess.run([*launcher, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def trained(model: nn.Module, epochs: int = 6, lr: float = 0.05, size: int = 8, seed: int = 0,
+            offset: float = 0.0) -> nn.Module:
+    """A few epochs of SGD on the toy training set, BatchNorm statistics tracked by momentum as usual."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    train, _ = loaders(size=size, offset=offset)
+    model.train()
+    for _ in range(epochs):
+        for images, labels in train:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    return model

@@ -1,0 +1,200 @@
+"""``bnguard recalibrate`` on each kind of saved model, run as a user would: the checkpoint saved by its own
+framework, repaired by the command in its own process, loaded back by the framework, and its statistics
+those ``bnguard.recalibrate`` computes on the same batches."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import bnguard
+from bnguard.checkpoint import verify_checkpoint
+from cli_setup import bnguard as run_bnguard, dict_loaders, loaders, trained
+from helpers import buffers_of, parameters_of, tiny_resnet, toy_loop
+
+TOY_DATA = ("--data", "tests/cli_setup.py:loaders", "--tolerance", "off")
+OFFSET = 10.0
+
+
+def recalibrated(model, batches):
+    """What the command should have written: the library's recalibration, on one thread like the command."""
+    model, threads = copy.deepcopy(model), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bnguard.recalibrate(model, batches, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return buffers_of(model)
+
+
+def assert_repaired(loaded, original, batches):
+    """Parameters bit-identical to the original's, statistics bit-identical to the library's."""
+    expected = recalibrated(original, batches)
+    assert buffers_of(loaded).keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(buffers_of(loaded)[name], value), name
+    for name, value in parameters_of(original).items():
+        assert torch.equal(parameters_of(loaded)[name], value), name
+
+
+def report_of(out):
+    return json.loads(out.with_name(out.name + ".report.json").read_text())
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_state_dict_file_is_repaired_in_its_own_format(tmp_path, suffix):
+    torch.manual_seed(0)
+    model = trained(tiny_resnet())
+    source, out = tmp_path / f"model{suffix}", tmp_path / f"repaired{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), source)
+    else:
+        from safetensors.torch import save_file
+        save_file(model.state_dict(), str(source), metadata={"format": "pt"})
+    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, "--out", out,
+                       "--force")
+    assert done.returncode == 0, done.stderr
+    if suffix == ".pt":
+        state = torch.load(out, weights_only=True)
+    else:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        state = load_file(str(out))
+        with safe_open(str(out), "pt") as opened:
+            assert opened.metadata() == {"format": "pt"}
+    loaded = tiny_resnet()
+    loaded.load_state_dict(state)
+    assert_repaired(loaded, model, loaders()[0])
+    report = report_of(out)
+    assert report["written"] and report["kind"] == "state dict" and report["recalibration"]["samples"] == 48
+    assert report["before"]["samples"] == report["after"]["samples"] == 24
+
+
+def test_a_loop_checkpoint_is_repaired_verified_and_resumed_by_the_loop(tmp_path):
+    toy_loop(tmp_path / "run", epochs=2, checkpoint_every_epochs=1).fit()
+    source, out = tmp_path / "run" / "checkpoints" / "epoch-0002", tmp_path / "repaired"
+    original = tiny_resnet()
+    original.load_state_dict(load_safetensors(source / "model.safetensors"))
+    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, "--out", out,
+                       "--force")
+    assert done.returncode == 0, done.stderr
+    verify_checkpoint(out)  # the manifest was rewritten for the new model file
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())
+    for name in ("optimizer.bin", "random_states_0.pkl", "records.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    loop = toy_loop(tmp_path / "run", epochs=2)
+    loop.fit(resume_from=out)  # both epochs done: loads the checkpoint, trains no further
+    assert_repaired(loop.model, original, loaders()[0])
+
+
+def load_safetensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("model_spec, keys", [
+    (["--model", "tests/lightning_setup.py:Classifier"], "(no prefix)*"),
+    (["--model", "examples/models.py:SeedNet", "--model-kwargs", '{"num_classes": 4, "width": 4, "in_channels": 1}'],
+     "net.*"),
+], ids=["lightning-module", "inner-network"])
+def test_a_lightning_checkpoint_is_repaired_and_loads_back_in_lightning(tmp_path, model_spec, keys):
+    import lightning.pytorch as pl
+    from lightning_setup import Classifier
+
+    torch.manual_seed(0)
+    module = Classifier(width=4)
+    train, evaluation = loaders(size=16)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train, evaluation)
+    source, out = tmp_path / "last.ckpt", tmp_path / "repaired.ckpt"
+    trainer.save_checkpoint(source)
+    done = run_bnguard("recalibrate", source, *model_spec, "--data", "tests/cli_setup.py:loaders",
+                       "--data-kwargs", '{"size": 16}', "--tolerance", "off", "--out", out, "--force")
+    assert done.returncode == 0, done.stderr
+    loaded = Classifier.load_from_checkpoint(out, width=4)
+    assert_repaired(loaded, module, loaders(size=16)[0])
+    before, after = torch.load(source, weights_only=True), torch.load(out, weights_only=True)
+    assert before.keys() == after.keys()
+    torch.testing.assert_close(after["optimizer_states"], before["optimizer_states"], rtol=0, atol=0)
+    assert report_of(out)["location"] == f"last.ckpt['state_dict'], keys {keys}"
+
+
+def test_a_hugging_face_folder_is_repaired_without_model_option_and_loads_with_from_pretrained(tmp_path):
+    import transformers
+    from hf_setup import tiny_resnet as hf_resnet
+
+    model = hf_resnet()
+    model.train()
+    with torch.no_grad():
+        for batch in dict_loaders()["train"]:
+            model(**batch)  # statistics tracked by momentum, as training would leave them
+    source, out = tmp_path / "model", tmp_path / "repaired"
+    model.save_pretrained(source)
+    done = run_bnguard("recalibrate", source, "--data", "tests/cli_setup.py:dict_loaders", "--tolerance", "off",
+                       "--out", out, "--force")
+    assert done.returncode == 0, done.stderr
+    assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
+    loaded = transformers.ResNetForImageClassification.from_pretrained(out)
+    assert_repaired(loaded, model, dict_loaders()["train"])
+    assert report_of(out)["kind"] == "Hugging Face folder"
+
+
+def test_an_averaged_model_is_repaired_and_its_accuracy_rises(tmp_path):
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(1)
+    model = tiny_resnet()
+    averaged = AveragedModel(model)  # its buffers stay those of the copy: statistics of no trained network
+    for epoch in range(4):
+        trained(model, epochs=3, seed=epoch, lr=0.02, offset=OFFSET)  # inputs far from mean 0, variance 1
+        averaged.update_parameters(model)
+    source, out = tmp_path / "swa.pt", tmp_path / "swa-repaired.pt"
+    torch.save({"model": model.state_dict(), "model_ema": averaged.state_dict(), "epoch": 8}, source)
+    done = run_bnguard("recalibrate", source, "--target", "averaged", "--model", "tests/helpers.py:tiny_resnet",
+                       *TOY_DATA, "--data-kwargs", json.dumps({"offset": OFFSET, "n_eval": 96}), "--out", out)
+    assert done.returncode == 0, done.stderr
+    report = report_of(out)
+    assert report["location"] == "swa.pt['model_ema'], keys module.*"
+    assert report["before"]["accuracy"] < 0.3 and report["after"]["accuracy"] > 0.75, report
+    saved = torch.load(out, weights_only=True)
+    assert saved["epoch"] == 8 and all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+    loaded = AveragedModel(tiny_resnet())
+    loaded.load_state_dict(saved["model_ema"])
+    assert_repaired(loaded.module, averaged.module, loaders(offset=OFFSET)[0])
+    assert torch.equal(loaded.n_averaged, averaged.n_averaged)
+
+
+def test_a_repair_that_lowers_eval_accuracy_is_not_written(tmp_path):
+    torch.manual_seed(0)
+    model = trained(tiny_resnet())
+    source, out = tmp_path / "model.pt", tmp_path / "repaired.pt"
+    torch.save(model.state_dict(), source)
+    unlike_eval = ("--data-kwargs", '{"train_scale": 4.0, "train_shift": 3.0}')
+    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, *unlike_eval,
+                       "--out", out)
+    assert done.returncode == 3, done.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+    report = report_of(out)
+    assert not report["written"] and report["after"]["accuracy"] < report["before"]["accuracy"]
+    assert "not written" in done.stdout and "--force" in done.stdout
+    forced = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, *unlike_eval,
+                         "--out", out, "--force")
+    assert forced.returncode == 0 and out.exists() and report_of(out)["written"]
+
+
+def test_inspect_shows_the_statistics_and_writes_nothing(tmp_path):
+    torch.manual_seed(0)
+    model = trained(tiny_resnet())
+    source = tmp_path / "model.pt"
+    torch.save(model.state_dict(), source)
+    done = run_bnguard("inspect", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    layer = model[1]  # the first BatchNorm layer, named "1", with 4 channels
+    first = [line.split() for line in done.stdout.splitlines() if line.split()[:2] == ["1", "4"]][0]
+    assert float(first[2]) == pytest.approx(layer.running_mean.double().mean().item(), rel=1e-3, abs=1e-4)
+    assert float(first[3]) == pytest.approx(layer.running_var.double().mean().item(), rel=1e-3)
+    assert int(first[5]) == int(layer.num_batches_tracked)
+    assert "with the stored statistics" in done.stdout and "with the recalibrated statistics" in done.stdout
