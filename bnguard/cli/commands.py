@@ -86,13 +86,13 @@ def _decide(args: argparse.Namespace, checkpoint: Checkpoint, location: Location
             findings: dict[str, Any], group: Processes, say: Any) -> int:
     worse = findings["after"]["accuracy"] < findings["before"]["accuracy"]
     written = not worse or args.force
-    findings.update(out=args.out, written=written, decision=(
-        "not written: eval accuracy would drop" if not written else
-        "written with --force although eval accuracy dropped" if worse else "written: eval accuracy did not drop"))
+    decision = ("written although eval accuracy dropped (--force)" if worse else "written: eval accuracy did not "
+                "drop") if written else "not written: eval accuracy would drop; --force writes it anyway"
+    findings.update(out=args.out, written=written, decision=decision)
     if written and group.main:
         write_checkpoint(checkpoint, [with_statistics(model, checkpoint, location)], Path(args.out))
     group.wait_for_everyone()
-    say(f"{findings['decision']}" + (f": {args.out}" if written else "; --force writes it anyway"))
+    say(f"{decision}" + (f"\nrepaired checkpoint: {args.out}" if written else ""))
     return DONE if written else NOT_WRITTEN_WORSE
 
 
