@@ -23,7 +23,7 @@ def loaders(size: int = 8, n_train: int = 48, n_eval: int = 24, batch_size: int 
     eval ones; ``channels`` copies of the one channel."""
     images, labels = toy_data(n_train, size=size).tensors
     train = TensorDataset(((images + offset) * train_scale + train_shift).repeat(1, channels, 1, 1), labels)
-    shuffled = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    shuffled = DataLoader(train, batch_size=batch_size, shuffle=n_train > 0, generator=torch.Generator().manual_seed(0))
     images, labels = toy_data(n_eval, seed=1, size=size).tensors
     return shuffled, DataLoader(TensorDataset((images + offset).repeat(1, channels, 1, 1), labels),
                                 batch_size=batch_size)

@@ -54,6 +54,10 @@ def fails(capsys, *argv):
     ([*MODEL, "--data", "tests/cli_setup.py:no_batchnorm", "--out", "x.pt"], "must return \\(train_loader, "
      "eval_loader\\) or a dict with 'train' and 'eval' loaders, got Sequential"),
     ([*MODEL, "--data", "imagefolder:/no/such/folder", "--out", "x.pt"], "/no/such/folder does not exist"),
+    ([*MODEL, "--data", "tests/cli_setup.py:loaders", "--data-kwargs", '{"n_train": 0}', "--out", "x.pt"],
+     "--data tests/cli_setup.py:loaders: batches is empty: recalibration needs at least one batch"),
+    ([*MODEL, "--data", "tests/cli_setup.py:loaders", "--data-kwargs", '{"n_eval": 0}', "--out", "x.pt"],
+     "the eval split is empty"),
     ([*MODEL, "--device", "gpu", "--out", "x.pt"], "--device 'gpu' is not a device"),
 ])
 def test_bad_input_is_named_with_exit_code_2_and_nothing_written(saved, capsys, argv, message):

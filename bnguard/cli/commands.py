@@ -64,16 +64,19 @@ def _load(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[nn.Module, 
 
 def _repair(args: argparse.Namespace, model: nn.Module, group: Processes, say: Any) -> dict[str, Any]:
     """Eval accuracy with the stored statistics, recalibration on the training split, accuracy again."""
-    args.data_kwargs = json_kwargs(args.data_kwargs, "--data-kwargs")
-    data = load_data(args.data, args, group.rank, group.world_size)
+    kwargs = json_kwargs(args.data_kwargs, "--data-kwargs")
+    data = load_data(args.data, args, kwargs, group.rank, group.world_size)
     say(f"data: {data.description}")
     scope = dict(rank=group.rank, world_size=group.world_size)
     before = evaluate(model, data.evaluation(), group.device, label="eval, stored statistics", **scope)
     say(accuracy_line("stored statistics", before))
     stored = saved_statistics(model)
     torch.manual_seed(args.seed)  # the training split's random augmentations: the same on every run
-    report = recalibrate(model, data.train(), tolerance=args.tolerance, num_samples=args.samples,
-                         progress=group.main)
+    try:
+        report = recalibrate(model, data.train(), tolerance=args.tolerance, num_samples=args.samples,
+                             progress=group.main)
+    except ValueError as error:  # no training batch, or batches recalibrate cannot use
+        raise InputError(f"--data {args.data}: {error}") from None
     say(str(report))
     after = evaluate(model, data.evaluation(), group.device, label="eval, recalibrated", **scope)
     say(accuracy_line("recalibrated statistics", after, before))

@@ -28,7 +28,9 @@ class Data:
     description: str
 
 
-def load_data(spec: str, options: Any, rank: int, world_size: int) -> Data:
+def load_data(spec: str, options: Any, kwargs: dict[str, Any], rank: int, world_size: int) -> Data:
+    """``options``: the command's image size, seed, normalization, batch size and workers for the data sets
+    bnguard knows; ``kwargs`` for a factory."""
     source, _, rest = spec.partition(":")
     if spec == "digits":
         try:
@@ -42,7 +44,7 @@ def load_data(spec: str, options: Any, rank: int, world_size: int) -> Data:
         except FileNotFoundError as error:
             raise InputError(f"--data {spec}: {error}") from None
     else:
-        return _from_factory(spec, options, rank, world_size)
+        return _from_factory(spec, kwargs, rank, world_size)
     return Data(train=_loader(train, options, rank, world_size, shuffle=True),
                 evaluation=_loader(evaluation, options, rank, world_size, shuffle=False),
                 description=f"{spec} ({len(train)} training and {len(evaluation)} eval samples, seed {options.seed})")
@@ -70,9 +72,9 @@ class RankBatches(Sampler[list[int]]):
         return len(range(self.rank, batches, self.world_size))
 
 
-def _from_factory(spec: str, options: Any, rank: int, world_size: int) -> Data:
+def _from_factory(spec: str, kwargs: dict[str, Any], rank: int, world_size: int) -> Data:
     """A factory returning (train, eval) loaders, or a mapping with "train" and "eval" (or "validation")."""
-    made = call(load_object(spec, "--data"), options.data_kwargs, "--data")
+    made = call(load_object(spec, "--data"), kwargs, "--data")
     if isinstance(made, Mapping):
         evaluation = next((made[key] for key in ("eval", "validation", "val") if key in made), None)
         pair = (made.get("train"), evaluation)
