@@ -1,6 +1,8 @@
 """What the command-line tests hand to ``bnguard``: data factories (given as tests/cli_setup.py:NAME) and a
 way to run the command as a user would, in its own process."""
 
+import copy
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import toy_data
+import bnguard
+from helpers import buffers_of, parameters_of, toy_data
+
+TOY_DATA = ("--data", "tests/cli_setup.py:loaders", "--tolerance", "off")
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -42,7 +47,7 @@ def no_batchnorm():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
 
 
-def bnguard(*args, cwd=ROOT, launcher=(sys.executable, "-m", "bnguard")):
+def run_bnguard(*args, cwd=ROOT, launcher=(sys.executable, "-m", "bnguard")):
     """The command line in a new process, from the repository root; returns the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     return subprocess.run([*launcher, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
@@ -62,3 +67,28 @@ def trained(model: nn.Module, epochs: int = 6, lr: float = 0.05, size: int = 8, 
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
     return model
+
+
+def recalibrated(model, batches):
+    """What the command should have written: the library's recalibration, on one thread like the command."""
+    model, threads = copy.deepcopy(model), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bnguard.recalibrate(model, batches, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return buffers_of(model)
+
+
+def assert_repaired(loaded, original, batches):
+    """Parameters bit-identical to the original's, statistics bit-identical to the library's."""
+    expected = recalibrated(original, batches)
+    assert buffers_of(loaded).keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(buffers_of(loaded)[name], value), name
+    for name, value in parameters_of(original).items():
+        assert torch.equal(parameters_of(loaded)[name], value), name
+
+
+def report_of(out):
+    return json.loads(out.with_name(out.name + ".report.json").read_text())

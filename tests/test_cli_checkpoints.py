@@ -2,44 +2,12 @@
 framework, repaired by the command in its own process, loaded back by the framework, and its statistics
 those ``bnguard.recalibrate`` computes on the same batches."""
 
-import copy
-import json
-
 import pytest
 import torch
 
-import bnguard
 from bnguard.checkpoint import verify_checkpoint
-from cli_setup import bnguard as run_bnguard, dict_loaders, loaders, trained
-from helpers import buffers_of, parameters_of, tiny_resnet, toy_loop
-
-TOY_DATA = ("--data", "tests/cli_setup.py:loaders", "--tolerance", "off")
-OFFSET = 10.0
-
-
-def recalibrated(model, batches):
-    """What the command should have written: the library's recalibration, on one thread like the command."""
-    model, threads = copy.deepcopy(model), torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        bnguard.recalibrate(model, batches, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return buffers_of(model)
-
-
-def assert_repaired(loaded, original, batches):
-    """Parameters bit-identical to the original's, statistics bit-identical to the library's."""
-    expected = recalibrated(original, batches)
-    assert buffers_of(loaded).keys() == expected.keys()
-    for name, value in expected.items():
-        assert torch.equal(buffers_of(loaded)[name], value), name
-    for name, value in parameters_of(original).items():
-        assert torch.equal(parameters_of(loaded)[name], value), name
-
-
-def report_of(out):
-    return json.loads(out.with_name(out.name + ".report.json").read_text())
+from cli_setup import TOY_DATA, assert_repaired, run_bnguard, dict_loaders, loaders, report_of, trained
+from helpers import tiny_resnet, toy_loop
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -121,7 +89,9 @@ def test_a_lightning_checkpoint_is_repaired_and_loads_back_in_lightning(tmp_path
     assert report_of(out)["location"] == f"last.ckpt['state_dict'], keys {keys}"
 
 
-def test_a_hugging_face_folder_is_repaired_without_model_option_and_loads_with_from_pretrained(tmp_path):
+@pytest.mark.parametrize("model_option", [[], ["--model", "transformers:ResNetForImageClassification"]],
+                         ids=["from-config", "class-given"])
+def test_a_hugging_face_folder_is_repaired_and_loads_with_from_pretrained(tmp_path, model_option):
     import transformers
     from hf_setup import tiny_resnet as hf_resnet
 
@@ -132,38 +102,13 @@ def test_a_hugging_face_folder_is_repaired_without_model_option_and_loads_with_f
             model(**batch)  # statistics tracked by momentum, as training would leave them
     source, out = tmp_path / "model", tmp_path / "repaired"
     model.save_pretrained(source)
-    done = run_bnguard("recalibrate", source, "--data", "tests/cli_setup.py:dict_loaders", "--tolerance", "off",
-                       "--out", out, "--force")
+    done = run_bnguard("recalibrate", source, *model_option, "--data", "tests/cli_setup.py:dict_loaders",
+                       "--tolerance", "off", "--out", out, "--force")
     assert done.returncode == 0, done.stderr
     assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
     loaded = transformers.ResNetForImageClassification.from_pretrained(out)
     assert_repaired(loaded, model, dict_loaders()["train"])
     assert report_of(out)["kind"] == "Hugging Face folder"
-
-
-def test_an_averaged_model_is_repaired_and_its_accuracy_rises(tmp_path):
-    from torch.optim.swa_utils import AveragedModel
-
-    torch.manual_seed(1)
-    model = tiny_resnet()
-    averaged = AveragedModel(model)  # its buffers stay those of the copy: statistics of no trained network
-    for epoch in range(4):
-        trained(model, epochs=3, seed=epoch, lr=0.02, offset=OFFSET)  # inputs far from mean 0, variance 1
-        averaged.update_parameters(model)
-    source, out = tmp_path / "swa.pt", tmp_path / "swa-repaired.pt"
-    torch.save({"model": model.state_dict(), "model_ema": averaged.state_dict(), "epoch": 8}, source)
-    done = run_bnguard("recalibrate", source, "--target", "averaged", "--model", "tests/helpers.py:tiny_resnet",
-                       *TOY_DATA, "--data-kwargs", json.dumps({"offset": OFFSET, "n_eval": 96}), "--out", out)
-    assert done.returncode == 0, done.stderr
-    report = report_of(out)
-    assert report["location"] == "swa.pt['model_ema'], keys module.*"
-    assert report["before"]["accuracy"] < 0.3 and report["after"]["accuracy"] > 0.75, report
-    saved = torch.load(out, weights_only=True)
-    assert saved["epoch"] == 8 and all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
-    loaded = AveragedModel(tiny_resnet())
-    loaded.load_state_dict(saved["model_ema"])
-    assert_repaired(loaded.module, averaged.module, loaders(offset=OFFSET)[0])
-    assert torch.equal(loaded.n_averaged, averaged.n_averaged)
 
 
 def test_a_repair_that_lowers_eval_accuracy_is_not_written(tmp_path):

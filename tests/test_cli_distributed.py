@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import bnguard
-from cli_setup import bnguard as run_bnguard, loaders, trained
+from cli_setup import run_bnguard, loaders, trained
 from helpers import buffers_of, parameters_of, tiny_resnet
 
 

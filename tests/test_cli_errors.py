@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnguard.cli import BAD_INPUT, main
-from cli_setup import ROOT, bnguard as run_bnguard
+from cli_setup import ROOT, run_bnguard
 from helpers import tiny_resnet
 
 MODEL = ("--model", "tests/helpers.py:tiny_resnet")

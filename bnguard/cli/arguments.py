@@ -13,7 +13,8 @@ from .state_dicts import AVERAGED, MODEL
 EXAMPLES = """\
 checkpoints read: a bnguard Loop checkpoint folder (checked against its manifest), a Lightning .ckpt,
 a Hugging Face save_pretrained folder, a state dict (.pt, .pth, .bin or .safetensors, bare or under
-'state_dict' / 'model'); --target averaged for the AveragedModel / EMA state such a file holds.
+'state_dict' / 'model'); --target averaged for the AveragedModel / EMA state such a file holds (module.*
+keys beside n_averaged, Lightning's WeightAveraging, an AveragedModel registered in a Loop checkpoint).
 
 examples:
   bnguard inspect runs/RUN/checkpoints/epoch-0020 --model examples/models.py:SeedNet \\

@@ -55,7 +55,7 @@ def _open_folder(path: Path) -> Checkpoint:
             raise InputError(f"{error}: repair a checkpoint that verifies, e.g. the one before it") from None
         names = sorted(p.name for p in path.iterdir() if p.name.startswith(("model", "pytorch_model"))
                        and p.suffix in (".safetensors", ".bin"))
-        return Checkpoint(path, LOOP, [_read(path / name) for name in names])
+        return Checkpoint(path, LOOP, [_read(path / name) for name in names] + _registered_objects(path))
     if (path / "config.json").is_file():
         if any(path.glob("*.index.json")):
             raise InputError(f"{path} holds sharded weights, which bnguard does not read: save the model again "
@@ -66,6 +66,18 @@ def _open_folder(path: Path) -> Checkpoint:
         raise InputError(f"{path} has a config.json but none of {', '.join(_HF_WEIGHTS)}")
     raise InputError(f"{path} is a folder but neither a bnguard Loop checkpoint ({MANIFEST}) nor a Hugging Face "
                      "model folder (config.json): give the checkpoint folder itself or a weights file")
+
+
+def _registered_objects(folder: Path) -> list[WeightsFile]:
+    """What ``accelerator.register_for_checkpointing`` saved there that holds only tensors and plain containers
+    (an AveragedModel registered beside the model, say); the loop's own objects are left alone."""
+    found = []
+    for path in sorted(folder.glob("custom_checkpoint_*.pkl")):
+        try:
+            found.append(_read(path))
+        except InputError:
+            continue
+    return found
 
 
 def _read(path: Path) -> WeightsFile:

@@ -39,8 +39,8 @@ def load_model_state(model: nn.Module, checkpoint: Checkpoint, target: str) -> L
     if not required:
         raise InputError(f"the model ({type(model).__name__}) has no parameters or buffers to load")
     best: tuple[int, str] | None = None
-    for file, key, state in _tensor_mappings(checkpoint):
-        for prefix in _prefixes(state, required[0], target):
+    for file, key, state, role in _tensor_mappings(checkpoint):
+        for prefix in _prefixes(state, required[0], target, role):
             problems = _mismatch(state, prefix, expected, required)
             if not problems:
                 model.load_state_dict({name: state[prefix + name] for name in required}, strict=False)
@@ -55,15 +55,21 @@ def load_model_state(model: nn.Module, checkpoint: Checkpoint, target: str) -> L
     raise InputError(f"{checkpoint.path} does not match the model: {best[1]}; check --model / --model-kwargs")
 
 
-def _tensor_mappings(checkpoint: Checkpoint) -> list[tuple[int, str | None, Mapping[str, torch.Tensor]]]:
+def _tensor_mappings(checkpoint: Checkpoint) -> list[tuple[int, str | None, Mapping[str, torch.Tensor], str | None]]:
+    """(file, key, state dict, what it holds when the layout says so) for every state dict in the files."""
     found = []
     for index, weights in enumerate(checkpoint.files):
         content = weights.content
         if _is_state(content):
-            found.append((index, None, content))
+            found.append((index, None, content, None))
         elif isinstance(content, Mapping):
-            found += [(index, key, value) for key, value in content.items() if _is_state(value)]
+            roles = _LIGHTNING_AVERAGING if _LIGHTNING_AVERAGING.keys() <= content.keys() else {}
+            found += [(index, key, value, roles.get(key)) for key, value in content.items() if _is_state(value)]
     return found
+
+
+# Lightning's WeightAveraging callback saves the average as the state dict and the trained model beside it.
+_LIGHTNING_AVERAGING = {"state_dict": AVERAGED, "current_model_state": MODEL, "averaging_state": None}
 
 
 def _is_state(value: Any) -> bool:
@@ -71,11 +77,14 @@ def _is_state(value: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
-def _prefixes(state: Mapping[str, torch.Tensor], anchor: str, target: str) -> list[str]:
-    """Prefixes under which ``anchor`` appears; an AveragedModel's own ones (``<p>module.`` beside
-    ``<p>n_averaged``) only for the averaged target, and only those for it."""
+def _prefixes(state: Mapping[str, torch.Tensor], anchor: str, target: str, role: str | None) -> list[str]:
+    """Prefixes under which ``anchor`` appears, in a state dict that holds the target (``role``, when the
+    layout says what it holds); else an AveragedModel's own ones (``<p>module.`` beside ``<p>n_averaged``) only
+    for the averaged target, and only those for it."""
     found = sorted({key[:-len(anchor)] for key in state
                     if key.endswith(anchor) and (len(key) == len(anchor) or key[-len(anchor) - 1] == ".")}, key=len)
+    if role is not None:
+        return found if role == target else []
     averaged = [p for p in found if p.endswith("module.") and p[:-len("module.")] + "n_averaged" in state]
     return averaged if target == AVERAGED else [p for p in found if p not in averaged]
 
