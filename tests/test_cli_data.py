@@ -73,3 +73,20 @@ def test_a_normalization_that_is_not_per_channel_numbers_is_refused(normalize):
 
     with pytest.raises(ValueError, match="expected none, imagenet, or means:stds"):
         normalization(normalize)
+
+
+def test_inspects_json_report_holds_each_layers_stored_statistics(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    model = seednet(1)
+    with torch.no_grad():
+        model.stem[1].running_mean.copy_(torch.arange(4.0))
+        model.stem[1].running_var.copy_(torch.tensor([1.0, 2.0, 0.5, 4.5]))
+    source, report = tmp_path / "seednet.pt", tmp_path / "inspect.json"
+    torch.save(model.state_dict(), source)
+    assert main(["inspect", str(source), *SEEDNET[:3], SEEDNET[3] % 1, "--report", str(report)]) == 0
+    stem = json.loads(report.read_text())["statistics"][0]
+    assert stem == {"layer": "stem.1", "channels": 4, "mean_of_mean": 1.5, "mean_of_var": 2.0, "min_var": 0.5,
+                    "batches_tracked": 0}
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stem.1 ")]
+    assert printed == [["stem.1", "4", "1.5", "2", "0.5", "0"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inspect.json", "seednet.pt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except InputError as error:
-        print(f"bnguard {args.command}: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets it: one says it
+            print(f"bnguard {args.command}: {error}", file=sys.stderr)
         return BAD_INPUT
     except Exception:  # noqa: BLE001 - anything else is a failure to report, with where it happened
         traceback.print_exc()

@@ -19,7 +19,7 @@ from .data import load_data
 from .errors import DONE, NOT_WRITTEN_WORSE, InputError
 from .evaluation import evaluate
 from .models import build_model
-from .output import accuracy_line, save_report, statistics_table
+from .output import accuracy_line, layer_statistics, save_report, statistics_table
 from .processes import Processes, processes
 from .specs import json_kwargs
 from .state_dicts import Location, load_model_state, with_statistics
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
                                     "kind": checkpoint.kind, "model": type(model).__name__, "target": args.target,
                                     "location": location.describe(checkpoint), "processes": group.world_size}
         if args.command == "inspect":
-            say(statistics_table(model))
+            findings["statistics"] = layer_statistics(model)
+            say(statistics_table(findings["statistics"]))
         if args.data is not None:
             findings.update(_repair(args, model, group, say))
         code = _decide(args, checkpoint, location, model, findings, group, say) \

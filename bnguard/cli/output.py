@@ -12,23 +12,29 @@ from torch import nn
 from ..layers import batchnorm_layers, tracks_statistics
 
 
-def statistics_table(model: nn.Module) -> str:
-    """One row per BatchNorm layer: its channels, the average over channels of its running mean and
-    variance, the smallest variance, and how many batches it has tracked."""
-    header = ("layer", "channels", "mean of mean", "mean of var", "min var", "batches tracked")
+def layer_statistics(model: nn.Module) -> list[dict[str, Any]]:
+    """Per BatchNorm layer: its channels, the average over channels of its running mean and variance, the
+    smallest variance, and how many batches it has tracked (None where it keeps no running statistics)."""
     rows = []
     for name, layer in batchnorm_layers(model):
-        if not tracks_statistics(layer):
-            rows.append((name or "<model>", str(layer.num_features), "-", "-", "-", "no running statistics"))
-            continue
-        mean, var = layer.running_mean.double(), layer.running_var.double()
-        tracked = layer.num_batches_tracked
-        rows.append((name or "<model>", str(layer.num_features), f"{mean.mean().item():.4g}",
-                     f"{var.mean().item():.4g}", f"{var.min().item():.4g}",
-                     "-" if tracked is None else str(int(tracked))))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        row: dict[str, Any] = {"layer": name or "<model>", "channels": layer.num_features, "mean_of_mean": None,
+                               "mean_of_var": None, "min_var": None, "batches_tracked": None}
+        if tracks_statistics(layer):
+            mean, var = layer.running_mean.double(), layer.running_var.double()
+            tracked = layer.num_batches_tracked
+            row.update(mean_of_mean=mean.mean().item(), mean_of_var=var.mean().item(), min_var=var.min().item(),
+                       batches_tracked=None if tracked is None else int(tracked))
+        rows.append(row)
+    return rows
+
+
+def statistics_table(rows: list[dict[str, Any]]) -> str:
+    header = ("layer", "channels", "mean of mean", "mean of var", "min var", "batches tracked")
+    cells = [tuple("-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+                   for value in row.values()) for row in rows]
+    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
     lines = [f"{len(rows)} BatchNorm layers"]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *cells]]
     return "\n".join(lines)
 
 
