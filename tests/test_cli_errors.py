@@ -151,3 +151,14 @@ def test_help_explains_the_forms_with_examples():
         assert shown.returncode == 0, shown.stderr
         assert "torchrun --nproc_per_node 2 -m bnguard recalibrate" in shown.stdout
         assert "3 not written" in shown.stdout and "--target {model,averaged}" in shown.stdout
+
+
+@pytest.mark.parametrize("report, message", [
+    ("model.pt", "--report .*model.pt is the checkpoint itself or inside it"),
+    ("missing/report.json", "--report .*report.json: folder .*missing does not exist"),
+])
+def test_a_report_that_would_replace_the_input_or_go_nowhere_is_refused_first(saved, capsys, report, message):
+    before = saved.read_bytes()
+    code, err = fails(capsys, "inspect", saved, *MODEL, *TOY_DATA, "--report", saved.parent / report)
+    assert code == BAD_INPUT and re.search(message, err), err
+    assert saved.read_bytes() == before and sorted(p.name for p in saved.parent.iterdir()) == ["model.pt"]

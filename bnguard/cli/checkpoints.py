@@ -105,18 +105,21 @@ def _read(path: Path) -> WeightsFile:
         raise InputError(f"{path} is not a readable PyTorch file ({error})") from None
 
 
-def check_output(checkpoint: Checkpoint, out: Path) -> None:
-    """Refuses an output that is the input, lies inside it, exists, or would change the file's format."""
+def check_output(checkpoint: Checkpoint, out: Path, option: str = "--out", replaceable: bool = False) -> None:
+    """Refuses an output that is the input, lies inside it, has no folder to go in, exists (unless
+    ``replaceable``), or, for a checkpoint, would change the file's format."""
     source, target = checkpoint.path.resolve(), out.resolve()
     if target == source or source in target.parents:
-        raise InputError(f"--out {out} is the checkpoint itself or inside it: bnguard never overwrites its input; "
+        raise InputError(f"{option} {out} is the checkpoint itself or inside it: bnguard never overwrites its input; "
                          "give a new path")
-    if out.exists():
-        raise InputError(f"--out {out} exists: bnguard does not replace files; remove it or give a new path")
     if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist")
+        raise InputError(f"{option} {out}: folder {out.parent} does not exist")
+    if replaceable:
+        return
+    if out.exists():
+        raise InputError(f"{option} {out} exists: bnguard does not replace files; remove it or give a new path")
     if checkpoint.path.is_file() and out.suffix != checkpoint.path.suffix:
-        raise InputError(f"--out {out}: the checkpoint is written back in its own format, name it *"
+        raise InputError(f"{option} {out}: the checkpoint is written back in its own format, name it *"
                          f"{checkpoint.path.suffix}")
 
 

@@ -29,8 +29,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with processes(args.device) as group:
         checkpoint = open_checkpoint(Path(args.checkpoint))
+        report = args.report or (f"{args.out}.report.json" if args.command == "recalibrate" else None)
         if args.command == "recalibrate":
             check_output(checkpoint, Path(args.out))
+        if report:
+            check_output(checkpoint, Path(report), "--report", replaceable=True)
         model, location = _load(args, checkpoint)
         model.to(group.device)
         say = print if group.main else _silent
@@ -46,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
         code = _decide(args, checkpoint, location, model, findings, group, say) \
             if args.command == "recalibrate" else DONE
         findings["seconds"] = time.perf_counter() - started
-        report = args.report or (f"{args.out}.report.json" if args.command == "recalibrate" else None)
         if report and group.main:
             save_report(findings, Path(report))
             say(f"report: {report}")
