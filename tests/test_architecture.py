@@ -35,6 +35,8 @@ def imports_with_blocked(modules, blocked):
     (["recalibration", "accumulator", "report", "layers", "distributed", "batches", "isolation",
       "stopping", "recalibration_warnings"],
      ["accelerate", "wandb", "tensorboard"]),
+    (["cli"], ["accelerate", "wandb", "tensorboard", "lightning", "transformers"]),  # each framework when asked
+    (sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")), ["layer.cli"]),
 ])
 def test_lower_layers_import_without_the_upper_ones(modules, blocked):
     result = imports_with_blocked(modules, blocked)
