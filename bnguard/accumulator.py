@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import all_gather
+from .layers import channels as layer_channels
 from .spread import BatchSpread
 from .stats import Moments, pool_batches
 
@@ -58,16 +59,17 @@ class LayerRows:
         self.samples = self.batches = self.one_value = 0
         self._flush = flush
         self._statistics = (layer.running_mean, layer.running_var)  # the layer's own, read in eval mode only
+        self.channels = layer_channels(layer)
 
     def _next_row(self, layer: _BatchNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The row this call writes; None for a call of one value per channel, which train mode would refuse:
         it normalizes as in eval mode, with the layer's own statistics, and is left out."""
-        if x.numel() == layer.num_features:
+        if x.numel() == self.channels:
             self.one_value += 1
             return None
         if len(self.counts) == len(self.means):  # every row written by now: pool all layers' rows
             self._flush()
-        self.counts.append(x.numel() // layer.num_features)
+        self.counts.append(x.numel() // self.channels)
         self.samples += x.shape[0]
         self.batches += 1
         row = len(self.counts) - 1
@@ -106,7 +108,7 @@ class Accumulators:
         self.layers = layers
         buffer = layers[0].running_mean
         self.device = buffer.device
-        widths = torch.tensor([layer.num_features for layer in layers])
+        widths = torch.tensor([layer_channels(layer) for layer in layers])
         self.index = torch.repeat_interleave(torch.arange(len(layers)), widths).to(self.device)  # channel's layer
         self.bounds = torch.cat([torch.zeros(1, dtype=torch.long), widths.cumsum(0)]).tolist()
         channels = self.bounds[-1]
@@ -121,7 +123,7 @@ class Accumulators:
             if self.shared:
                 means, variances = self.means[:, start:end], self.variances[:, start:end]
             else:
-                means = torch.zeros(self.chunk, layer.num_features, dtype=layer.running_mean.dtype,
+                means = torch.zeros(self.chunk, layer_channels(layer), dtype=layer.running_mean.dtype,
                                     device=layer.running_mean.device)
                 variances = torch.zeros_like(means)
             self.of[layer] = LayerRows(layer, means, variances, self.flush)

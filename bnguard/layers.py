@@ -41,6 +41,12 @@ def tracks_statistics(layer: _BatchNorm) -> bool:
     return layer.track_running_stats and layer.running_mean is not None
 
 
+def channels(layer: _BatchNorm) -> int:
+    """The channels a layer's statistics hold: ``num_features`` stays 0 in a lazy layer whose buffers were
+    materialized by ``load_state_dict`` rather than by a first input."""
+    return layer.running_mean.numel()
+
+
 def has_running_statistics(model: nn.Module) -> bool:
     """Whether any BatchNorm layer of the model keeps running statistics that recalibration could set."""
     return any(tracks_statistics(layer) for _, layer in batchnorm_layers(model))

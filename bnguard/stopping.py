@@ -9,6 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .accumulator import Accumulators, merged_spreads
 from .confidence import CONFIDENCE, sidak_quantile, t_widening
+from .layers import channels as layer_channels
 from .spread import BatchSpread
 
 TOLERANCE_MET = "tolerance met"
@@ -35,7 +36,7 @@ class ErrorBounds:
     def __init__(self, accumulators: Accumulators, world_size: int):
         self.accumulators, self.world_size = accumulators, world_size
         layers = accumulators.layers
-        self.channels = [layer.num_features for layer in layers]
+        self.channels = [layer_channels(layer) for layer in layers]
         self.eps = accumulators.eps
         self.index = accumulators.index
         self.starts = torch.tensor(accumulators.bounds[:-1], device=accumulators.device)

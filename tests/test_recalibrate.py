@@ -600,3 +600,17 @@ def test_a_ctrl_c_on_any_line_of_the_passes_setup_or_cleanup_leaves_the_model_as
         for name_, buffer in before.items():  # the next round starts from the old statistics again
             model.get_buffer(name_).copy_(buffer)
     assert interrupted_at  # the signals did land
+
+
+def test_a_lazy_layer_materialized_by_load_state_dict_is_recalibrated_like_its_original():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.LazyConv2d(3, 3), nn.LazyBatchNorm2d())
+    batches = [torch.randn(4, 2, 6, 6) for _ in range(3)]
+    original(batches[0])
+    loaded = nn.Sequential(nn.LazyConv2d(3, 3), nn.LazyBatchNorm2d())
+    loaded.load_state_dict(original.state_dict())
+    assert loaded[1].num_features == 0  # what a load leaves: the buffers have shapes, the attribute does not
+    bnguard.recalibrate(original, batches, progress=False)
+    bnguard.recalibrate(loaded, batches, progress=False)
+    for name, value in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
