@@ -9,7 +9,7 @@ import torch
 import bnguard
 from bnguard.cli import main
 from bnguard.datasets import digits
-from cli_setup import ROOT
+from cli_setup import ROOT, TOY_DATA
 from helpers import buffers_of
 
 SEEDNET = ("--model", "examples/models.py:SeedNet", "--model-kwargs",
@@ -90,3 +90,22 @@ def test_inspects_json_report_holds_each_layers_stored_statistics(tmp_path, monk
     printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stem.1 ")]
     assert printed == [["stem.1", "4", "1.5", "2", "0.5", "0"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inspect.json", "seednet.pt"]
+
+
+def test_a_model_file_with_its_own_dataclass_and_lazy_layers_is_loaded(tmp_path, monkeypatch, capsys):
+    from cli_setup import lazy_net, loaders
+
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(0)
+    model = lazy_net()
+    model(next(iter(loaders()[0]))[0])  # materialized, statistics tracked once
+    source, report = tmp_path / "lazy.pt", tmp_path / "inspect.json"
+    torch.save(model.state_dict(), source)
+    assert main(["inspect", str(source), "--model", "tests/cli_setup.py:lazy_net", "--report", str(report)]) == 0
+    layer = json.loads(report.read_text())["statistics"][0]
+    assert layer["channels"] == 4 and layer["batches_tracked"] == 1
+    assert layer["mean_of_var"] == pytest.approx(model[1].running_var.double().mean().item(), rel=1e-12)
+    out = tmp_path / "repaired.pt"
+    assert main(["recalibrate", str(source), "--model", "tests/cli_setup.py:lazy_net", *TOY_DATA, "--out", str(out),
+                 "--force"]) == 0
+    assert torch.load(out, weights_only=True)["1.num_batches_tracked"] == 6  # six batches pooled

@@ -17,12 +17,13 @@ def layer_statistics(model: nn.Module) -> list[dict[str, Any]]:
     smallest variance, and how many batches it has tracked (None where it keeps no running statistics)."""
     rows = []
     for name, layer in batchnorm_layers(model):
+        # channels from the buffers when there are: a lazy layer loaded from a file keeps num_features 0
         row: dict[str, Any] = {"layer": name or "<model>", "channels": layer.num_features, "mean_of_mean": None,
                                "mean_of_var": None, "min_var": None, "batches_tracked": None}
         if tracks_statistics(layer):
             mean, var = layer.running_mean.double(), layer.running_var.double()
             tracked = layer.num_batches_tracked
-            row.update(mean_of_mean=mean.mean().item(), mean_of_var=var.mean().item(), min_var=var.min().item(),
+            row.update(channels=mean.numel(), mean_of_mean=mean.mean().item(), mean_of_var=var.mean().item(), min_var=var.min().item(),
                        batches_tracked=None if tracked is None else int(tracked))
         rows.append(row)
     return rows

@@ -37,8 +37,10 @@ def _import(module_name: str) -> Any:
         if not path.is_file():
             raise ImportError(f"{path} does not exist")
         sys.path.insert(0, str(path.resolve().parent))  # so that it imports its neighbours
-        spec = importlib.util.spec_from_file_location(path.stem, path)
+        name = path.stem if path.stem not in sys.modules else f"bnguard_spec_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = module  # as an import would: dataclasses and pickling look modules up there
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ..layers import batchnorm_layers, tracks_statistics
 from .checkpoints import Checkpoint, WeightsFile
@@ -100,7 +101,7 @@ def _mismatch(state: Mapping[str, torch.Tensor], prefix: str, expected: Mapping[
         return len(missing) + len(unexpected), "; ".join(parts)
     for name in required:
         stored, wanted = state[prefix + name], expected[name]
-        if stored.shape != wanted.shape:
+        if not is_lazy(wanted) and stored.shape != wanted.shape:  # a lazy module takes its shape from the file
             return 1, (f"{prefix + name} has shape {list(stored.shape)} in the checkpoint, the model's {name} has "
                        f"{list(wanted.shape)}")
     return None
@@ -121,7 +122,7 @@ def _untied(state: Mapping[str, torch.Tensor]) -> list[str]:
     saving frameworks store once)."""
     seen, keys = set(), []
     for name, tensor in state.items():
-        pointer = (tensor.data_ptr(), tensor.shape) if tensor.numel() else None
+        pointer = None if is_lazy(tensor) or not tensor.numel() else (tensor.data_ptr(), tensor.shape)
         if pointer is None or pointer not in seen:
             keys.append(name)
         seen.add(pointer)
