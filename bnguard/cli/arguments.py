@@ -52,26 +52,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _common(parser: argparse.ArgumentParser, data_default: str | None) -> None:
     parser.add_argument("checkpoint", help="the saved model: a folder or a file (see below)")
-    parser.add_argument("--model", help=f"the network: {MODEL_FORMS}; not needed for a Hugging Face folder")
-    parser.add_argument("--model-kwargs", help="JSON keyword arguments for the model factory")
+    parser.add_argument("--model", metavar="SPEC",
+                        help=f"the network: {MODEL_FORMS}; not needed for a Hugging Face folder")
+    parser.add_argument("--model-kwargs", metavar="JSON", help="JSON keyword arguments for the model factory")
     parser.add_argument("--target", choices=[MODEL, AVERAGED], default=MODEL,
                         help="model (default), or the averaged model (AveragedModel / EMA) the file holds")
-    parser.add_argument("--data", default=data_default,
+    parser.add_argument("--data", default=data_default, metavar="SPEC",
                         help=f"{DATA_FORMS} returning (train, eval) loaders"
                              + (" (default digits)" if data_default else "; without it, statistics only"))
-    parser.add_argument("--data-kwargs", help="JSON keyword arguments for the data factory")
-    parser.add_argument("--image-size", type=_positive, default=32,
+    parser.add_argument("--data-kwargs", metavar="JSON", help="JSON keyword arguments for the data factory")
+    parser.add_argument("--image-size", type=_positive, default=32, metavar="N",
                         help="height and width for digits / imagefolder (default 32)")
-    parser.add_argument("--normalize", type=_normalization, default=None,
+    parser.add_argument("--normalize", type=_normalization, default=None, metavar="HOW",
                         help="imagefolder: none (default), imagenet, or MEANS:STDS, e.g. 0.5,0.5,0.5:0.2,0.2,0.2")
-    parser.add_argument("--seed", type=int, default=2,
+    parser.add_argument("--seed", type=int, default=2, metavar="N",
                         help="split and shuffle seed for digits / imagefolder (default 2, the example's)")
-    parser.add_argument("--batch-size", type=_positive, default=32,
+    parser.add_argument("--batch-size", type=_positive, default=32, metavar="N",
                         help="batch size for digits / imagefolder (default 32)")
-    parser.add_argument("--workers", type=_non_negative, default=0, help="data loader workers")
-    parser.add_argument("--tolerance", type=_tolerance, default=0.1,
+    parser.add_argument("--workers", type=_non_negative, default=0, metavar="N", help="data loader workers")
+    parser.add_argument("--tolerance", type=_tolerance, default=0.1, metavar="T",
                         help="stop once every layer's 95%% error bound is within this (default 0.1), or off")
-    parser.add_argument("--samples", type=_positive, help="at most this many training samples")
+    parser.add_argument("--samples", type=_positive, metavar="N", help="at most this many training samples")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
 
 
