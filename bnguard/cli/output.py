@@ -23,8 +23,8 @@ def layer_statistics(model: nn.Module) -> list[dict[str, Any]]:
         if tracks_statistics(layer):
             mean, var = layer.running_mean.double(), layer.running_var.double()
             tracked = layer.num_batches_tracked
-            row.update(channels=mean.numel(), mean_of_mean=mean.mean().item(), mean_of_var=var.mean().item(), min_var=var.min().item(),
-                       batches_tracked=None if tracked is None else int(tracked))
+            row.update(channels=mean.numel(), mean_of_mean=mean.mean().item(), mean_of_var=var.mean().item(),
+                       min_var=var.min().item(), batches_tracked=None if tracked is None else int(tracked))
         rows.append(row)
     return rows
 
