@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from .console import text_table
+
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -90,16 +92,13 @@ class RecalibrationReport:
             )
             for layer in self.layers
         ]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = [
             f"Recalibrated {len(self.recalibrated)} of {len(self.layers)} BatchNorm layers "
             f"from {self.batches} batches ({self.samples} samples) in {self.seconds:.2f} s; error bound "
             f"{'-' if self.error_bound is None else f'{self.error_bound:.4f}'}"
             f"{'' if self.tolerance is None else f' (tolerance {self.tolerance:g})'}, stopped: {self.stopped}"
         ]
-        for row in [header, *rows]:
-            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-        return "\n".join(lines)
+        return "\n".join(lines + text_table(header, rows))
 
 
 def _left_out(layer: LayerReport) -> str:

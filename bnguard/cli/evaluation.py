@@ -13,6 +13,7 @@ from ..batches import default_forward, to_device
 from ..console import show_progress
 from ..distributed import sum_over_processes
 from ..isolation import preserved_modes
+from ..metrics import accuracy, batch_targets, logits_of
 from .errors import InputError
 
 
@@ -27,7 +28,7 @@ def evaluate(model: nn.Module, batches: Iterable[Any], device: torch.device, *, 
         for index, batch in enumerate(bar):
             batch = to_device(batch, device)
             logits, labels = _logits_and_labels(model, batch, first=index == 0)
-            sums += torch.stack([(logits.argmax(-1) == labels).sum().double().cpu(),
+            sums += torch.stack([accuracy(logits, labels).sum().cpu(),
                                  nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double().cpu(),
                                  torch.tensor(float(labels.numel()), dtype=torch.float64)])
     correct, loss, count = sum_over_processes(sums.to(device), world_size).tolist()
@@ -37,7 +38,11 @@ def evaluate(model: nn.Module, batches: Iterable[Any], device: torch.device, *, 
 
 
 def _logits_and_labels(model: nn.Module, batch: Any, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = _labels(batch)
+    try:
+        labels = batch_targets(batch)
+    except TypeError:
+        raise InputError("eval batches must carry class labels: (inputs, labels) pairs or dicts with 'labels'") \
+            from None
     try:
         outputs = default_forward(model, batch)
     except (RuntimeError, ValueError, TypeError) as error:
@@ -46,34 +51,11 @@ def _logits_and_labels(model: nn.Module, batch: Any, first: bool) -> tuple[torch
         raise InputError(f"the model refused the data: a batch of {_shapes(batch)} gave {type(error).__name__}: "
                          f"{str(error).splitlines()[0]}; check --data, --image-size and the model's input "
                          "channels") from None
-    logits = _logits(outputs)
+    logits = logits_of(outputs[0] if isinstance(outputs, (tuple, list)) else outputs)  # return_dict=False: a tuple
     if first and (logits.dim() != 2 or logits.shape[0] != labels.shape[0]):
         raise InputError(f"the model's output has shape {list(logits.shape)} for {labels.shape[0]} labels: "
                          "bnguard scores classifiers, whose outputs are (batch, classes) logits")
     return logits, labels
-
-
-def _labels(batch: Any) -> torch.Tensor:
-    if isinstance(batch, Mapping):
-        labels = batch.get("labels", batch.get("label"))
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        labels = batch[1]
-    else:
-        labels = None
-    if not isinstance(labels, torch.Tensor):
-        raise InputError("eval batches must carry class labels: (inputs, labels) pairs or dicts with 'labels'")
-    return labels
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    """A tensor as is; a model output's (or dict's) ``logits``; a tuple's first element."""
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    if isinstance(outputs, (tuple, list)):
-        return outputs[0]
-    return outputs
 
 
 def _shapes(batch: Any) -> str:

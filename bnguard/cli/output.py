@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from ..console import text_table
 from ..layers import batchnorm_layers, tracks_statistics
 
 
@@ -33,10 +34,7 @@ def statistics_table(rows: list[dict[str, Any]]) -> str:
     header = ("layer", "channels", "mean of mean", "mean of var", "min var", "batches tracked")
     cells = [tuple("-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
                    for value in row.values()) for row in rows]
-    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
-    lines = [f"{len(rows)} BatchNorm layers"]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *cells]]
-    return "\n".join(lines)
+    return "\n".join([f"{len(rows)} BatchNorm layers", *text_table(header, cells)])
 
 
 def accuracy_line(which: str, metrics: dict[str, Any], before: dict[str, Any] | None = None) -> str:
