@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from .distributed import process_info
 from .isolation import preserved_rng
@@ -51,8 +51,31 @@ def batch_size(batch: Any, required: bool) -> int:
     return 0
 
 
-def side_batches(loader: DataLoader, *, seed: int, rank: int, world_size: int) -> Iterator[Any]:
-    """This process's share of a fresh shuffle of ``loader``'s dataset, batched like ``loader``.
+def loader_batch_size(loader: DataLoader) -> int:
+    """The samples in each of ``loader``'s batches on this process, in every form of loader: its own
+    ``batch_size``; else, when a batch sampler batches it (given as ``batch_sampler=``, or put there by
+    ``accelerator.prepare``, which leaves ``batch_size`` None), that sampler's, divided among the processes
+    when Accelerate splits batches."""
+    if loader.batch_size is not None:
+        return loader.batch_size
+    sampler = loader.sampler if isinstance(loader.sampler, BatchSampler) else loader.batch_sampler
+    shares = 1
+    while sampler is not None:
+        if getattr(sampler, "split_batches", False):  # Accelerate: each process takes a slice of each batch
+            shares *= getattr(sampler, "num_processes", 1)
+        size = getattr(sampler, "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return max(1, size // shares)
+        sampler = getattr(sampler, "batch_sampler", None)  # a wrapper (Accelerate's shard or skip sampler)
+    raise TypeError(
+        f"cannot tell the batch size of {type(loader).__name__}: its batch sampler "
+        f"({type(loader.batch_sampler).__name__}) has no batch_size; give it one, or pass recalibration_loader= "
+        "(batches prepared as for training) for bnguard to recalibrate on")
+
+
+def side_batches(loader: DataLoader, *, size: int, seed: int, rank: int, world_size: int) -> Iterator[Any]:
+    """This process's share of a fresh shuffle of ``loader``'s dataset, in batches of ``size`` (as
+    :func:`loader_batch_size` finds ``loader``'s) collated like ``loader``'s.
 
     The shuffle comes from its own generator seeded with ``seed`` and no global random state is left
     changed, so the training loader's order and the run's random stream are exactly as without it. A short
@@ -63,12 +86,12 @@ def side_batches(loader: DataLoader, *, seed: int, rank: int, world_size: int) -
     indices = torch.randperm(len(loader.dataset), generator=generator)[rank::world_size].tolist()
     side = DataLoader(
         loader.dataset,
-        batch_size=loader.batch_size or 1,
+        batch_size=size,
         sampler=indices,
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
         generator=generator,
-        drop_last=len(indices) >= (loader.batch_size or 1),
+        drop_last=len(indices) >= size,
     )
     with preserved_rng():
         yield from side
@@ -86,7 +109,8 @@ class TrainingBatches:
     and no global random state changes, so drawing leaves the training run exactly as it was.
 
     ``loader`` may be the training loader before or after ``accelerator.prepare``: only its dataset, batch
-    size, collate function and workers are used, never its iterator. Register it for checkpointing
+    size (:func:`loader_batch_size`: a prepared loader's is its batch sampler's), collate function and
+    workers are used, never its iterator. Register it for checkpointing
     (``accelerator.register_for_checkpointing``) and a resumed run draws the same samples as an
     uninterrupted one.
     """
@@ -100,14 +124,14 @@ class TrainingBatches:
                 "(any iterable of batches prepared as for training) instead")
         if not indexable(loader):
             raise TypeError("TrainingBatches needs a DataLoader over a map-style dataset (with __getitem__)")
-        self.loader, self.seed = loader, seed
+        self.loader, self.seed, self.batch_size = loader, seed, loader_batch_size(loader)
         self.rank, self.world_size = process_info(accelerator)
         self.draws = 0
 
     def __call__(self) -> Iterator[Any]:
         self.draws += 1
-        return side_batches(self.loader, seed=self.seed * 1_000_003 + self.draws, rank=self.rank,
-                            world_size=self.world_size)
+        return side_batches(self.loader, size=self.batch_size, seed=self.seed * 1_000_003 + self.draws,
+                            rank=self.rank, world_size=self.world_size)
 
     def state_dict(self) -> dict[str, int]:
         return {"draws": self.draws}
