@@ -48,8 +48,9 @@ class Guard:
     ``train_loader``'s dataset (its iterator is never touched), or ``recalibration_loader``. With an
     ``accelerator``, steps count where gradients sync, and train metrics are summed over its processes
     (without one, over the default process group's). ``metric(logits, targets)``: per-sample scores
-    (default accuracy; None: the loss only). :attr:`records`: one dict per epoch, as ``metrics.jsonl``
-    lines. Checkpoint it with :meth:`state_dict` / :meth:`load_state_dict` or
+    (default accuracy; None: the loss only). The train and eval metrics reach the trackers under
+    ``bnguard/`` (``bnguard/train_acc``, ``bnguard/eval_acc``), never under the names your loop logs its own
+    by. :attr:`records`: one dict per epoch, as ``metrics.jsonl`` lines. Checkpoint it with :meth:`state_dict` / :meth:`load_state_dict` or
     ``accelerator.register_for_checkpointing(guard)``; ``with guard:`` reports an exception to the hooks.
     """
 
@@ -65,7 +66,8 @@ class Guard:
         self.batches = hook_batches(train_loader, recalibration_loader, accelerator=accelerator, seed=seed)
         self.runner = HookRunner(hooks, accelerator=accelerator, model=model, optimizer=optimizer,
                                  evaluate=self._hooks_evaluate if evaluate is not None else None,
-                                 train_batches=self.batches, forward=forward, trackers=trackers,
+                                 train_batches=self.batches, forward=forward,
+                                 trackers=trackers or Trackers(accelerator, metrics_under="bnguard/"),
                                  evaluation_hint="pass evaluate= to bnguard.Guard")
         self.state = self.runner.state
         device = accelerator.device if accelerator is not None else next(

@@ -124,14 +124,28 @@ def finish(accelerator: Any) -> None:
     accelerator.trackers.clear()
 
 
+OWN_SECTIONS = ("bnguard/", "bn/", "at-a-glance/")  # the key prefixes of bnguard's own series
+
+
 class Trackers:
     """Where a run's values go: scalars, histograms, tables and alerts, to the W&B run and TensorBoard writer
     the run already has. This one sends them to an Accelerate accelerator's trackers (without one, to the
     active ``wandb.run``, if any); the framework integrations subclass it to reach their trainer's loggers.
-    Only the main process logs."""
+    Only the main process logs.
 
-    def __init__(self, accelerator: Any = None):
-        self.accelerator = accelerator
+    ``metrics_under``: a prefix for the train and eval metrics hooks log (``train_loss``, ``eval_acc``, ...),
+    for a run whose script logs those names itself (:class:`~bnguard.Guard` uses ``"bnguard/"``); keys
+    already in bnguard's sections (:data:`OWN_SECTIONS`) keep their names."""
+
+    def __init__(self, accelerator: Any = None, *, metrics_under: str = ""):
+        self.accelerator, self.metrics_under = accelerator, metrics_under
+
+    def named(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` under the names this run logs them by (see ``metrics_under``)."""
+        if not self.metrics_under:
+            return values
+        return {key if key.startswith(OWN_SECTIONS) else self.metrics_under + key: value
+                for key, value in values.items()}
 
     @property
     def is_main_process(self) -> bool:
@@ -142,6 +156,7 @@ class Trackers:
 
     def log(self, values: dict[str, Any], step: int) -> None:
         """Scalars to every tracker, at ``step``."""
+        values = self.named(values)
         if self.accelerator is not None:
             self.accelerator.log(values, step=step)
         elif (run := self.wandb_run()) is not None:

@@ -418,3 +418,41 @@ def test_dict_batches_and_dict_outputs():
     assert_same_tensors(buffers_of(expected), buffers_of(model))
     assert guard.records[0]["train_acc"] == torch.cat(hits).mean().item()
     assert guard.records[0]["recal_samples"] == 16
+
+
+def test_the_guard_logs_under_bnguard_and_never_over_the_scripts_own_metrics(tmp_path):
+    from accelerate import Accelerator
+
+    from bnguard.tracking import OWN_SECTIONS
+    from wandb_log import history, offline_run_dir
+
+    accelerator = Accelerator(cpu=True)
+    bnguard.start_trackers(accelerator, "wandb", project="guard-keys", output_dir=tmp_path)
+    model = stale_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_loader = DataLoader(toy_data(48), batch_size=8, shuffle=True)
+    evaluate = evaluator(model, DataLoader(toy_data(32, seed=1), batch_size=8))
+    guard = bnguard.Guard(model, evaluate=evaluate, train_loader=train_loader, accelerator=accelerator)
+    mine, guards = {}, {}
+    for epoch in range(4):
+        for images, labels in train_loader:
+            loss = F.cross_entropy(outputs := model(images), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            guard.step(outputs, labels, loss=loss)
+            accelerator.log({"train_loss": 9.0 + epoch}, step=guard.state.step)  # the script's own series
+        accelerator.log({"eval_acc": 0.125, "epoch": 100 + epoch}, step=guard.state.step)  # e.g. an EMA's
+        metrics = guard.evaluated(evaluate())
+        mine[guard.state.step] = {"train_loss": 9.0 + epoch, "eval_acc": 0.125, "epoch": 100 + epoch}
+        guards[guard.state.step] = {"bnguard/eval_acc": metrics["acc"], "bnguard/epoch": epoch,
+                                    "bnguard/train_loss": guard.records[-1]["train_loss"]}
+    guard.end()
+    accelerator.end_training()
+    assert sum(r["recalibrated"] for r in guard.records) >= 2  # the guard logged recalibrated values too
+    rows = {row["_step"]: row for row in history(offline_run_dir(tmp_path))}
+    for step in mine:
+        assert {key: rows[step][key] for key in mine[step]} == mine[step]
+        assert {key: rows[step][key] for key in guards[step]} == pytest.approx(guards[step])
+    keys = {key.split("/_type")[0] for row in rows.values() for key in row if not key.startswith("_")}
+    assert {key for key in keys if not key.startswith(OWN_SECTIONS)} == {"train_loss", "eval_acc", "epoch"}
