@@ -29,6 +29,8 @@ _OTHER_MODEL = ("AutoRecalibrate(target=...) recalibrated {model}, and eval_{mon
                 "e.g. monitor='ema_acc' with the evaluation returning it, and train_monitor='acc' for the trained "
                 "model's train metric it is compared with")
 NOTHING_TO_RECALIBRATE = "nothing to recalibrate: the model has no BatchNorm layer with running statistics"
+# The thresholds left to their defaults, as fractions of an accuracy's range: 5, 3 and 1 points.
+THRESHOLDS = {"gap_threshold": 0.05, "drop_threshold": 0.03, "recovery_margin": 0.01}
 
 
 class AutoRecalibrate(Hook):
@@ -40,7 +42,9 @@ class AutoRecalibrate(Hook):
 
     ``monitor`` names the watched metric (``eval_<monitor>``, compared with ``train_<train_monitor>``,
     ``train_monitor`` defaulting to ``monitor``); set ``higher_is_better=False`` for a loss. The thresholds
-    are the policy's (see its docstring).
+    are the policy's (see its docstring), in the metric's units; those left to their defaults (5, 3 and 1
+    points of an accuracy: 0.05, 0.03, 0.01) are taken in percent, 5, 3 and 1, once the monitored accuracy
+    is above 1.
     ``probe_samples`` turns on a cheap check first: ``probe_score(outputs, batch)`` (per-sample; default
     accuracy) in eval mode against batch statistics on that many training samples, which skips the
     recalibration when the two agree. ``report_only=True`` detects and reports but never changes the
@@ -55,15 +59,18 @@ class AutoRecalibrate(Hook):
 
     acts_at_evaluation = writes_decisions = reevaluates = True
 
-    def __init__(self, *, monitor: str = "acc", higher_is_better: bool = True, gap_threshold: float = 0.05,
-                 drop_threshold: float = 0.03, patience: int = 1, recovery_margin: float = 0.01,
+    def __init__(self, *, monitor: str = "acc", higher_is_better: bool = True, gap_threshold: float | None = None,
+                 drop_threshold: float | None = None, patience: int = 1, recovery_margin: float | None = None,
                  max_cooldown: int = 8, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
                  probe_samples: int | None = None, probe_score: Score = batch_accuracy, report_only: bool = False,
                  include_frozen: bool = False, target: Target = None, alert_every_s: float = 3600.0,
                  train_monitor: str | None = None):
-        self.policy = DivergencePolicy(monitor=monitor, higher_is_better=higher_is_better,
-                                       gap_threshold=gap_threshold, drop_threshold=drop_threshold,
-                                       patience=patience, recovery_margin=recovery_margin, max_cooldown=max_cooldown)
+        given = {"gap_threshold": gap_threshold, "drop_threshold": drop_threshold, "recovery_margin": recovery_margin}
+        self.policy = DivergencePolicy(monitor=monitor, higher_is_better=higher_is_better, patience=patience,
+                                       max_cooldown=max_cooldown,
+                                       **{name: THRESHOLDS[name] if value is None else value
+                                          for name, value in given.items()})
+        self.scale = ThresholdScale(self.policy, [name for name, value in given.items() if value is None])
         self.monitor, self.report_only, self.alert_every_s = monitor, report_only, alert_every_s
         self.train_monitor = train_monitor or monitor
         self.tolerance = fraction("tolerance", tolerance, optional=True)
@@ -90,7 +97,7 @@ class AutoRecalibrate(Hook):
         batches, or a callable giving them (called only to recalibrate or probe); ``nonfinite``: the NaN/Inf
         metrics' names; ``frozen``: BatchNorm layers to leave alone; ``forward(model, batch)``: as in
         :func:`recalibrate`. Every process must call it, with the same (gathered) metrics."""
-        _warn_if_percent(self._warn_once, self.policy, eval_value, train_value)
+        self.scale.follow(eval_value, train_value, self._warn_once, self.train_monitor)
         decision = self.policy.check(eval_value, train_value, nonfinite=nonfinite)
         if decision.wants_recalibration and not has_running_statistics(model):
             decision = decision.noted(NOTHING_TO_RECALIBRATE, wants_recalibration=False)
@@ -176,25 +183,49 @@ class AutoRecalibrate(Hook):
 
     # ---- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(), "history": list(self.history)}
+        return {"policy": self.policy.state_dict(), "history": list(self.history), "percent": self.scale.percent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         self.history = list(state["history"])
+        if state.get("percent", False):  # a state saved before percent was detected holds none: a fraction
+            self.scale.to_percent()
 
 
-def _warn_if_percent(warn_once: WarnOnce, policy: DivergencePolicy, *values: float | None) -> None:
-    """Says once that an accuracy is on a 0-100 scale (torchvision's and timm's top1), which turns the
-    thresholds, in the metric's own units, into hundredths of a point."""
-    above = [value for value in values if value is not None and math.isfinite(value) and value > 1]
-    if not (policy.higher_is_better and above and policy.gap_threshold < 1):  # scaled thresholds: meant so
-        return
-    warn_once("scale", f"AutoRecalibrate: {policy.monitor} is {above[0]:g}, above 1: a percentage? Its thresholds "
-              f"are in the metric's own units (gap_threshold {policy.gap_threshold:g}, drop_threshold "
-              f"{policy.drop_threshold:g}, recovery_margin {policy.recovery_margin:g}), so here they are that many "
-              f"points: give the accuracy as a fraction (divide by 100), or scale them, e.g. AutoRecalibrate("
-              f"gap_threshold={100 * policy.gap_threshold:g}, drop_threshold={100 * policy.drop_threshold:g}, "
-              f"recovery_margin={100 * policy.recovery_margin:g})")
+class ThresholdScale:
+    """The scale of the watched accuracy: the ``defaulted`` thresholds of ``policy`` (:data:`THRESHOLDS`, as
+    fractions) are taken in percent once the accuracy is above 1 (torchvision's and timm's top1); given ones
+    stay in the metric's own units."""
+
+    def __init__(self, policy: DivergencePolicy, defaulted: list[str]):
+        self.policy, self.defaulted, self.percent = policy, defaulted, False
+
+    def to_percent(self) -> None:
+        self.percent = True
+        for name in self.defaulted:
+            setattr(self.policy, name, 100 * THRESHOLDS[name])
+
+    def follow(self, eval_value: float, train_value: float | None, warn_once: WarnOnce, train_monitor: str) -> None:
+        """Percent from the first value above 1; says once what cannot be right on that scale."""
+        policy = self.policy
+        above = [value for value in (eval_value, train_value) if value is not None and math.isfinite(value)
+                 and value > 1]
+        if not (policy.higher_is_better and above):
+            return
+        if not self.percent:
+            self.to_percent()
+        if train_value is not None and math.isfinite(eval_value) and 0 < train_value <= 1 < eval_value / 10:
+            warn_once("scales", f"AutoRecalibrate: eval_{policy.monitor} is {eval_value:g} and train_{train_monitor} "
+                      f"{train_value:g}: a percentage beside a fraction? Give both on one scale (bnguard.Guard "
+                      "counts train accuracy on the evaluation's)")
+        given = {name: getattr(policy, name) for name in THRESHOLDS if name not in self.defaulted}
+        if any(given.get(name, 1) < 1 for name in ("gap_threshold", "drop_threshold")):  # meant as fractions?
+            stated = ", ".join(f"{name} {value:g}" for name, value in given.items())
+            scaled = ", ".join(f"{name}={100 * value:g}" for name, value in given.items())
+            warn_once("scale", f"AutoRecalibrate: {policy.monitor} is {above[0]:g}, above 1: a percentage? The "
+                      f"thresholds given are in the metric's own units ({stated}), so here they are that many "
+                      f"points: give the accuracy as a fraction (divide by 100), or scale them: "
+                      f"AutoRecalibrate({scaled})")
 
 
 def _call(batches: Iterable[Any] | Callable[[], Iterable[Any]]) -> Iterable[Any]:

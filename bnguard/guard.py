@@ -48,7 +48,9 @@ class Guard:
     ``train_loader``'s dataset (its iterator is never touched), or ``recalibration_loader``. With an
     ``accelerator``, steps count where gradients sync, and train metrics are summed over its processes
     (without one, over the default process group's). ``metric(logits, targets)``: per-sample scores
-    (default accuracy; None: the loss only). The train and eval metrics reach the trackers under
+    (default accuracy; None: the loss only), counted times ``metric_scale`` to compare with your evaluation's:
+    by default the accuracy is counted in percent once your evaluation gives one above 1 (torchvision's and
+    timm's top1), or as a fraction; pass ``metric_scale=100`` to state percent from the start. The train and eval metrics reach the trackers under
     ``bnguard/`` (``bnguard/train_acc``, ``bnguard/eval_acc``), never under the names your loop logs its own
     by. :attr:`records`: one dict per epoch, as ``metrics.jsonl`` lines. Checkpoint it with :meth:`state_dict` / :meth:`load_state_dict` or
     ``accelerator.register_for_checkpointing(guard)``; ``with guard:`` reports an exception to the hooks.
@@ -58,7 +60,7 @@ class Guard:
                  evaluate: Callable[[], Metrics] | None = None, train_loader: Any = None,
                  recalibration_loader: Iterable[Any] | None = None, accelerator: Any = None, optimizer: Any = None,
                  forward: Forward | None = None, metric: Metric | None = accuracy, metric_name: str = "acc",
-                 trackers: Trackers | None = None, seed: int = 0):
+                 metric_scale: float | None = None, trackers: Trackers | None = None, seed: int = 0):
         if hooks is None:
             hooks = [BNStatsLogger(), AutoRecalibrate(monitor=metric_name if metric is not None else "loss",
                                                       higher_is_better=metric is not None)]
@@ -72,7 +74,7 @@ class Guard:
         self.state = self.runner.state
         device = accelerator.device if accelerator is not None else next(
             (p.device for p in model.parameters()), torch.device("cpu"))
-        self.epochs = EpochEvents(self.runner, TrainCounts(metric, metric_name, device, accelerator))
+        self.epochs = EpochEvents(self.runner, TrainCounts(metric, metric_name, device, accelerator, metric_scale))
         self._warn_once = WarnOnce()
 
     @property
@@ -124,11 +126,17 @@ class Guard:
             self.end()
 
     def _evaluation(self, measure: Callable[[], Metrics], *, measured_before: bool) -> Metrics:
+        given = measure() if measured_before else None
+        if given is not None:  # its scale is known before the train metrics are
+            self.epochs.train_counts.follow_scale(eval_metrics(given, self.metric_name))
         updates = self.epochs.before_evaluation()
         before = self.state.recalibration
         self.runner.fire(Event.EVAL_START, **updates)
-        given = measure()
+        given = measure() if given is None else given
         measured = eval_metrics(given, self.metric_name)
+        if self.epochs.train_counts.follow_scale(measured):  # percent, found after the train metrics were given
+            self.state.train_metrics = self.epochs.train_counts.scaled(self.state.train_metrics)
+            self.state.log(self.state.train_metrics)
         if measured_before and self.state.recalibration is not before:  # a hook recalibrated since
             measured = self._remeasured(measured)
         self.state.eval_metrics = measured

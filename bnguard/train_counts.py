@@ -9,16 +9,25 @@ import torch
 
 from .batches import batch_size
 from .distributed import process_info
-from .metrics import Metric, MetricSums, batch_targets, logits_of
+from .metrics import Metric, MetricSums, accuracy, batch_targets, logits_of
+
+PERCENT = 100.0
 
 
 class TrainCounts:
     """``train_loss`` and ``train_<metric_name>`` since the last :meth:`reset`, kept on the device (adding
-    never synchronizes) and summed over processes (the accelerator's, else the default process group's)."""
+    never synchronizes) and summed over processes (the accelerator's, else the default process group's).
 
-    def __init__(self, metric: Metric | None, metric_name: str, device: torch.device, accelerator: Any = None):
+    ``train_<metric_name>`` is given times ``scale``, so that it compares with the evaluation's value: None
+    detects it for bnguard's own :func:`~bnguard.accuracy` (a fraction), which is then counted in percent
+    once an evaluation gives ``eval_<metric_name>`` above 1 (:meth:`follow_scale`); another metric keeps its
+    own scale."""
+
+    def __init__(self, metric: Metric | None, metric_name: str, device: torch.device, accelerator: Any = None,
+                 scale: float | None = None):
         self.metric, self.metric_name, self.accelerator = metric, metric_name, accelerator
         self.sums = MetricSums(device)
+        self.scale, self.detects_scale = scale or 1.0, scale is None and metric is accuracy
 
     def add(self, outputs: Any, targets: torch.Tensor | None, loss: Any, batch: Any, step: int) -> None:
         """One batch: ``loss`` (else ``outputs.loss`` / ``outputs["loss"]``), and ``metric`` of the outputs'
@@ -40,15 +49,30 @@ class TrainCounts:
         if world_size == 1 and self.sums.count == 0:
             return {}
         try:
-            return self.sums.compute("train", self.metric_name, world_size)
+            return self.scaled(self.sums.compute("train", self.metric_name, world_size))
         except ValueError:  # no process has counted a sample yet
             return {}
+
+    def follow_scale(self, eval_metrics: dict[str, float]) -> bool:
+        """Counts in percent from now on when the evaluation's ``eval_<metric_name>`` is above 1 (torchvision's
+        and timm's top1) and the scale is detected; returns whether it changed."""
+        value = eval_metrics.get(f"eval_{self.metric_name}")
+        if not self.detects_scale or self.scale != 1.0 or value is None or not value > 1:
+            return False
+        self.scale = PERCENT
+        return True
+
+    def scaled(self, train_metrics: dict[str, float]) -> dict[str, float]:
+        """``train_metrics`` counted as fractions, with ``train_<metric_name>`` on this scale."""
+        key = f"train_{self.metric_name}"
+        return {name: value * self.scale if name == key else value for name, value in train_metrics.items()}
 
     def reset(self) -> None:
         self.sums = MetricSums(self.sums.loss.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.sums.state_dict()
+        return {**self.sums.state_dict(), "scale": self.scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums.load_state_dict(state)
+        self.scale = state.get("scale", self.scale)

@@ -209,7 +209,7 @@ def test_bad_settings(kwargs, message):
         AutoRecalibrate(**kwargs)
 
 
-def test_an_accuracy_in_percent_is_named_once_with_the_thresholds_to_use(recwarn):
+def test_an_accuracy_in_percent_takes_the_default_thresholds_in_points(recwarn):
     model, data = trained_model_with_stale_statistics()
     batches = list(DataLoader(data, batch_size=16))
 
@@ -217,15 +217,34 @@ def test_an_accuracy_in_percent_is_named_once_with_the_thresholds_to_use(recwarn
         return guard.check(model, eval_value=eval_value, train_value=train_value, evaluate=lambda: eval_value,
                            batches=batches)
 
-    guard = AutoRecalibrate(report_only=True)
-    with pytest.warns(UserWarning, match=r"acc is 71.3, above 1: a percentage\? .*\(gap_threshold 0.05, .*"
-                                         r"AutoRecalibrate\(gap_threshold=5, drop_threshold=3, recovery_margin=1\)"):
-        assert not check(guard, 71.3, 71.34).triggered  # a 0.04-point gap against a 0.05-point threshold
-    recwarn.clear()
-    check(guard, 60.0, 61.0)
-    check(AutoRecalibrate(report_only=True, gap_threshold=5, drop_threshold=3), 71.3, 80.0)
+    def thresholds(guard):
+        return guard.policy.gap_threshold, guard.policy.drop_threshold, guard.policy.recovery_margin
+
+    fraction, percent = AutoRecalibrate(report_only=True), AutoRecalibrate(report_only=True)
+    assert not check(fraction, 0.713, 0.72).triggered and not check(percent, 71.3, 72.0).triggered
+    assert check(fraction, 0.713, 0.80).gap == pytest.approx(0.087) and check(percent, 71.3, 80.0).triggered
+    assert thresholds(fraction) == (0.05, 0.03, 0.01) and thresholds(percent) == (5, 3, 1)
+    assert [d["triggered"] for d in fraction.history] == [d["triggered"] for d in percent.history] == [False, True]
+    resumed = AutoRecalibrate(report_only=True)
+    resumed.load_state_dict(percent.state_dict())
+    assert thresholds(resumed) == (5, 3, 1)
+    stated = AutoRecalibrate(report_only=True, gap_threshold=5, drop_threshold=3, recovery_margin=1)
+    assert check(stated, 71.3, 80.0).triggered and thresholds(stated) == (5, 3, 1)
     check(AutoRecalibrate(monitor="loss", higher_is_better=False, report_only=True), 2.5, 1.5)
-    assert not [w for w in recwarn if "percentage" in str(w.message)]
+    assert not recwarn.list
+
+
+def test_thresholds_given_as_fractions_for_a_percentage_are_named_with_the_scaled_ones():
+    model, data = trained_model_with_stale_statistics()
+    guard = AutoRecalibrate(report_only=True, gap_threshold=0.1)
+    with pytest.warns(UserWarning, match=r"acc is 71.3, above 1: a percentage\? The thresholds given are in the "
+                                         r"metric's own units \(gap_threshold 0.1\), .* AutoRecalibrate\(gap_threshold=10\)"):
+        assert not guard.check(model, eval_value=71.3, train_value=71.34, evaluate=lambda: 71.3,
+                               batches=[]).triggered
+    assert (guard.policy.drop_threshold, guard.policy.recovery_margin) == (3, 1)  # the defaulted ones in points
+    with pytest.warns(UserWarning, match=r"eval_acc is 85 and train_acc 0.9: a percentage beside a fraction\?"):
+        AutoRecalibrate(report_only=True).check(model, eval_value=85.0, train_value=0.9, evaluate=lambda: 85.0,
+                                                batches=[])
 
 
 def test_needs_an_evaluation(tmp_path):

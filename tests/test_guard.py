@@ -335,7 +335,7 @@ def test_accelerate_loop_counts_train_accuracy_and_keeps_training_bit_identical(
     _, model, guard, hand = accelerate_loop(3, guarded=True)
     assert_same_tensors(parameters_of(bare), parameters_of(model))
     assert [r["train_acc"] for r in guard.records] == pytest.approx(hand, abs=1e-12)
-    assert sum(r["recalibrated"] for r in guard.records) >= 2
+    assert sum(r["recalibrated"] for r in guard.records) >= 1  # the first at epoch 2; its statistics then hold (momentum 0)
 
 
 def _guarded_accelerate_on_two_ranks(out_dir):
@@ -456,3 +456,38 @@ def test_the_guard_logs_under_bnguard_and_never_over_the_scripts_own_metrics(tmp
         assert {key: rows[step][key] for key in guards[step]} == pytest.approx(guards[step])
     keys = {key.split("/_type")[0] for row in rows.values() for key in row if not key.startswith("_")}
     assert {key for key in keys if not key.startswith(OWN_SECTIONS)} == {"train_loss", "eval_acc", "epoch"}
+
+
+def percent_run(evaluation_scale, metric_scale=None, **thresholds):
+    """Four epochs of the stale model in a plain loop whose evaluation gives top1 times evaluation_scale."""
+    model = stale_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_loader = DataLoader(toy_data(48), batch_size=8, shuffle=True)
+    evaluate = evaluator(model, DataLoader(toy_data(32, seed=1), batch_size=8))
+    guard = bnguard.Guard(model, [bnguard.AutoRecalibrate(monitor="top1", **thresholds)], metric_name="top1",
+                          evaluate=lambda: {"top1": evaluation_scale * evaluate()["acc"]}, train_loader=train_loader,
+                          metric_scale=metric_scale)
+    for _ in range(4):
+        for images, labels in train_loader:
+            loss = F.cross_entropy(outputs := model(images), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            guard.step(outputs, labels, loss=loss)
+        guard.evaluate()
+    guard.end()
+    return guard.records
+
+
+@pytest.mark.parametrize("how", [{}, {"metric_scale": 100},
+                                 {"gap_threshold": 5, "drop_threshold": 3, "recovery_margin": 1}])
+def test_a_percent_evaluation_is_repaired_as_a_fraction_is(recwarn, how):
+    fraction = percent_run(1)
+    percent = percent_run(100, **how)
+    decisions = lambda records: [(r["recalibrated"], r["diagnosis"]) for r in records]  # noqa: E731
+    assert decisions(percent) == decisions(fraction)
+    assert sum(r["recalibrated"] for r in percent) >= 2 and "stale statistics" in [r["diagnosis"] for r in percent]
+    for in_percent, as_fraction in zip(percent, fraction):  # train top1 counted on the evaluation's scale
+        for key in ("train_top1", "eval_top1", "eval_top1_before_recal"):
+            assert in_percent[key] == pytest.approx(100 * as_fraction[key] if as_fraction[key] is not None else None)
+    assert not recwarn.list
