@@ -33,23 +33,26 @@ class PreciseBN(Hook):
     ``target`` (a model, or a callable giving it) recalibrates another model than the trained one, e.g. the
     EMA / SWA copy the evaluation uses.
 
-    The first recalibration is checked: ``eval_<monitor>`` is measured again with the statistics it replaced,
-    and when the new ones are worse by more than ``margin`` (in the metric's units) they are undone, with a
-    warning naming the likely cause (recalibration batches not prepared like the training batches).
+    The first recalibration is checked: the evaluation runs again with the statistics it replaced, and when
+    the new ones make ``eval_<monitor>`` worse by more than ``margin`` (in the metric's units) they are
+    undone, with a warning naming the likely cause (recalibration batches not prepared like the training
+    batches). ``monitor="auto"`` judges by ``eval_loss``, else ``eval_acc``; with a ``target``, by the first
+    of the evaluation's metrics that the target's statistics moved (a metric of the trained model cannot
+    judge them). ``higher_is_better`` defaults to False for a name with "loss" in it, else True.
     ``monitor=None`` skips the check, which costs one evaluation per run.
     """
 
     acts_at_evaluation = writes_decisions = True
 
     def __init__(self, every_n_evals: int = 1, *, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
-                 include_frozen: bool = False, target: Target = None, monitor: str | None = "loss",
-                 higher_is_better: bool = False, margin: float = 0.05):
+                 include_frozen: bool = False, target: Target = None, monitor: str | None = "auto",
+                 higher_is_better: bool | None = None, margin: float = 0.05):
         self.every_n_evals = positive_int("every_n_evals", every_n_evals)
         self.tolerance = fraction("tolerance", tolerance, optional=True)
         self.num_samples = positive_int("num_samples", num_samples)
         self.include_frozen, self.target, self._frozen = include_frozen, target, FrozenDuringTraining()
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-            raise ValueError(f"margin must be a number >= 0 (in the units of eval_{monitor}), got {margin!r}")
+            raise ValueError(f"margin must be a number >= 0 (in the units of the metric checked), got {margin!r}")
         self.monitor, self.higher_is_better, self.margin = monitor, higher_is_better, margin
         self.reevaluates = monitor is not None
         self.evaluations, self.checked = 0, monitor is None
@@ -106,17 +109,28 @@ class PreciseBN(Hook):
 
     def _check(self, state: State, model: nn.Module, replaced: dict[torch.Tensor, torch.Tensor]) -> None:
         """The first recalibration against the statistics it replaced, on ``eval_<monitor>``."""
-        key = f"eval_{self.monitor}"
-        if key not in state.eval_metrics:
-            self._warn_once("check", f"PreciseBN checks its first recalibration on {key}, which the evaluation "
-                            f"does not give ({sorted(state.eval_metrics)}): pass monitor= one it gives")
+        keys = [key for key in _candidates(self.monitor, state.eval_metrics) if key in state.eval_metrics]
+        if not keys:
+            self._warn_once("check", f"PreciseBN checks its first recalibration on eval_{self.monitor}, which the "
+                            f"evaluation does not give ({sorted(state.eval_metrics)}): pass monitor= one it gives")
             return
         self.checked = True
         recalibrated = saved_statistics(model)
         restore_statistics(replaced)
         before = state.evaluate()
+        moved = [key for key in keys if before.get(key) != state.eval_metrics[key]]
+        if self.target is not None and not moved:  # the metrics measure another model than the target
+            restore_statistics(recalibrated)
+            self._warn_once("target metric", f"PreciseBN(target=...) recalibrated {type(model).__name__}, and "
+                            f"{', '.join(keys)} did not move at all: it measures another model, most likely the "
+                            "trained one (or ties, as an accuracy can), so the recalibration was not checked. Give "
+                            "the target's own metric as monitor, e.g. monitor='ema_loss' with the evaluation "
+                            "returning it (a loss judges finest)")
+            return
+        key = moved[0] if self.target is not None else keys[0]
         new, old = state.eval_metrics[key], before[key]
-        if (old - new if self.higher_is_better else new - old) <= self.margin:
+        higher_is_better = self.higher_is_better if self.higher_is_better is not None else "loss" not in key
+        if (old - new if higher_is_better else new - old) <= self.margin:
             restore_statistics(recalibrated)
             return
         state.eval_metrics = {**state.eval_metrics, **before}  # what the statistics kept give
@@ -135,3 +149,11 @@ class PreciseBN(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.evaluations = state["evaluations"]
         self.checked = state.get("checked", True)  # a state saved before the check existed: past its first
+
+
+def _candidates(monitor: str, eval_metrics: dict[str, float]) -> list[str]:
+    """The eval metrics that may judge a recalibration, in order: ``eval_<monitor>``, or for "auto" eval_loss,
+    eval_acc and then the others the evaluation gives."""
+    if monitor != "auto":
+        return [f"eval_{monitor}"]
+    return ["eval_loss", "eval_acc", *(key for key in eval_metrics if key not in ("eval_loss", "eval_acc"))]

@@ -225,8 +225,9 @@ def test_precise_bn_recalibrates_an_ema_copy_kept_in_eval_mode_at_the_first_eval
     assert not torch.equal(copied["1.running_mean"], ema.module.get_buffer("1.running_mean"))
 
 
-def ema_run(hook, epochs=2):
-    """A trained model with stale statistics and an EMA copy of it, both evaluated; ``hook`` watches."""
+def ema_run(hook, epochs=2, **guard_kwargs):
+    """A trained model with stale statistics and an EMA copy of it, both evaluated (the trained model's
+    accuracy and loss, the copy's accuracy); ``hook`` watches."""
     model = stale_model(dropout=0.0)
     ema = EmaLikeTimm(model)
     hook.target = ema
@@ -238,15 +239,39 @@ def ema_run(hook, epochs=2):
         with torch.no_grad():
             was, _ = model.training, model.eval()
             scores = {"acc": (model(images).argmax(1) == labels).double().mean().item(),
+                      "loss": F.cross_entropy(model(images), labels).item(),
                       "ema_acc": (ema(images).argmax(1) == labels).double().mean().item()}
             model.train(was)
         return scores
 
-    guard = bnguard.Guard(model, [hook], evaluate=evaluate, train_loader=train_loader)
+    guard = bnguard.Guard(model, [hook], evaluate=evaluate, train_loader=train_loader, **guard_kwargs)
     for _ in range(epochs):
         train_epoch_with_ema(model, ema, optimizer, train_loader, guard)
         guard.evaluated(evaluate())
     return guard.records
+
+
+def unprepared_batches():
+    """Training batches prepared unlike training (inputs x0.1): statistics estimated from them are wrong."""
+    images, labels = toy_data(48).tensors
+    return [(images[i:i + 8] / 10, labels[i:i + 8]) for i in range(0, 48, 8)]
+
+
+def test_precise_bn_on_an_ema_copy_checks_its_first_recalibration_on_a_metric_of_the_copy():
+    with pytest.warns(UserWarning, match=r"first recalibration made eval_ema_acc worse .* not prepared like"):
+        records = ema_run(bnguard.PreciseBN(), recalibration_loader=unprepared_batches())
+    first, second = records
+    assert not first["recalibrated"] and first["reason"].startswith("recalibration made eval_ema_acc worse")
+    assert second["recalibrated"]  # checked once only
+    kept = ema_run(bnguard.PreciseBN())  # prepared like training: kept
+    assert [r["recalibrated"] for r in kept] == [True, True]
+
+
+def test_precise_bn_on_an_ema_copy_judged_by_the_trained_models_metric_says_so():
+    with pytest.warns(UserWarning, match=r"PreciseBN\(target=...\) recalibrated EmaLikeTimm, and eval_loss did not "
+                                         r"move at all: it measures another model, .* monitor='ema_loss'"):
+        records = ema_run(bnguard.PreciseBN(monitor="loss"), recalibration_loader=unprepared_batches())
+    assert records[0]["recalibrated"]  # not checked, and said
 
 
 def test_auto_recalibrate_on_an_ema_copy_watches_the_copys_metric_against_the_trained_models():
