@@ -62,7 +62,8 @@ class Guard:
                  forward: Forward | None = None, metric: Metric | None = accuracy, metric_name: str = "acc",
                  metric_scale: float | None = None, trackers: Trackers | None = None, seed: int = 0):
         if hooks is None:
-            hooks = [BNStatsLogger(), AutoRecalibrate(monitor=metric_name if metric is not None else "loss",
+            hooks = [BNStatsLogger(overview_metric=metric_name),
+                     AutoRecalibrate(monitor=metric_name if metric is not None else "loss",
                                                       higher_is_better=metric is not None)]
         self.accelerator, self.metric_name, self._evaluate = accelerator, metric_name, evaluate
         self.batches = hook_batches(train_loader, recalibration_loader, accelerator=accelerator, seed=seed)

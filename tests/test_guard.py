@@ -516,3 +516,19 @@ def test_a_percent_evaluation_is_repaired_as_a_fraction_is(recwarn, how):
         for key in ("train_top1", "eval_top1", "eval_top1_before_recal"):
             assert in_percent[key] == pytest.approx(100 * as_fraction[key] if as_fraction[key] is not None else None)
     assert not recwarn.list
+
+
+def test_the_default_logger_charts_the_metric_the_guard_is_given(recwarn):
+    model = stale_model(dropout=0.0)
+    evaluate = evaluator(model, DataLoader(toy_data(16, seed=1), batch_size=8))
+    guard = bnguard.Guard(model, metric_name="top1", evaluate=lambda: {"top1": evaluate()["acc"]},
+                          train_loader=DataLoader(toy_data(16), batch_size=8))
+    logger, auto = guard.runner.hooks
+    assert (logger.overview.metric, auto.monitor) == ("top1", "top1")
+    images, labels = toy_data(8).tensors
+    guard.step(outputs := model(images), labels, loss=F.cross_entropy(outputs, labels))
+    metrics = guard.evaluate()
+    guard.end()
+    [row] = logger.overview.epochs
+    assert row["eval"] == metrics["top1"] and row["train"] == guard.records[0]["train_top1"]
+    assert not recwarn.list  # no "the at-a-glance accuracy chart stays empty"
