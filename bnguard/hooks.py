@@ -28,6 +28,7 @@ class Hook:
     acts_at_evaluation = False  # a hook that does its work at evaluations (trainers that never evaluate: a warning)
     writes_decisions = False  # a hook that writes RecordKeys into records (AutoRecalibrate, PreciseBN)
     reevaluates = False  # a hook that may call state.evaluate() (AutoRecalibrate)
+    reevaluation_optional = False  # ... and does without when the loop cannot re-evaluate (PreciseBN's check)
     # In front of those keys and of its bnguard/ tracker keys: "" alone, its state_key + "/" beside another
     # such hook, so that neither overwrites the other's (set by HookRunner).
     decision_prefix = ""

@@ -42,7 +42,7 @@ class PreciseBN(Hook):
     ``monitor=None`` skips the check, which costs one evaluation per run.
     """
 
-    acts_at_evaluation = writes_decisions = True
+    acts_at_evaluation = writes_decisions = reevaluation_optional = True
 
     def __init__(self, every_n_evals: int = 1, *, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
                  include_frozen: bool = False, target: Target = None, monitor: str | None = "auto",
@@ -115,6 +115,10 @@ class PreciseBN(Hook):
                             f"evaluation does not give ({sorted(state.eval_metrics)}): pass monitor= one it gives")
             return
         self.checked = True
+        if state.cannot_reevaluate is not None:
+            self._warn_once("cannot", f"PreciseBN left its first recalibration unchecked: the check evaluates again, "
+                            f"and {state.cannot_reevaluate}; monitor=None turns the check off")
+            return
         recalibrated = saved_statistics(model)
         restore_statistics(replaced)
         before = state.evaluate()

@@ -58,6 +58,7 @@ class State:
         self.forward = forward  # how a batch reaches the model, for hooks that run it (None: the default)
         self.trackers = trackers or Trackers(accelerator)  # where hooks' values go
         self.evaluation_hint = evaluation_hint  # how this loop's user gives it an evaluation, for errors
+        self.cannot_reevaluate: str | None = None  # why the loop's evaluation cannot run again, once known
 
     def update(self, **values: Any) -> None:
         """Sets fields the loop owns (:attr:`UPDATABLE`); an unknown name is an error, not a new attribute."""
@@ -97,6 +98,8 @@ class State:
         masks whether or not a hook re-evaluated."""
         if self._evaluate is None:
             raise RuntimeError(f"this loop gave its hooks no evaluate function: {self.evaluation_hint}")
+        if self.cannot_reevaluate is not None:
+            raise RuntimeError(f"this loop's evaluation cannot run again: {self.cannot_reevaluate}")
         with preserved_modes(self.model), preserved_rng():
             return self._evaluate()
 

@@ -245,11 +245,36 @@ def test_torchmetrics_objects_are_refused_at_the_first_validation_before_any_rec
     callback = BNGuardCallback([AutoRecalibrate()])
     statistics = lambda: {k: v for k, v in buffers_of(model).items() if "running" in k}  # noqa: E731
     before = statistics()
-    with pytest.raises(ValueError, match=r"logs 'val_acc' as torchmetrics object\(s\), .* log the value instead"):
+    with pytest.raises(ValueError, match=r"^AutoRecalibrate evaluates again after a recalibration, and the "
+                                         r"LightningModule logs 'val_acc' as torchmetrics object\(s\), .* log the "
+                                         r"value instead"):
         trainer(tmp_path, [callback], epochs=2).fit(model, *loaders())
     assert_same_tensors(statistics(), before)  # momentum 0: only a recalibration could have changed them
     assert callback.records == [] and "log" not in vars(model)
     trainer(tmp_path, [BNGuardCallback([BNStatsLogger(every_n_steps=2)])], epochs=1).fit(model, *loaders())
+
+
+def test_torchmetrics_objects_leave_precise_bn_running_with_its_check_off(tmp_path):
+    torch.manual_seed(0)
+    model = LogsMetricObjects(bn_momentum=0.0)
+    callback = BNGuardCallback([PreciseBN()])
+    before = {k: v for k, v in buffers_of(model).items() if "running" in k}
+    with pytest.warns(UserWarning, match=r"PreciseBN left its first recalibration unchecked: the check evaluates "
+                                         r"again, and the LightningModule logs 'val_acc' as torchmetrics"):
+        trainer(tmp_path, [callback], epochs=2).fit(model, *loaders())
+    assert [r["recalibrated"] for r in callback.records] == [True, True]
+    assert not torch.equal(before["net.stem.1.running_var"], model.get_buffer("net.stem.1.running_var"))
+
+
+def test_torchmetrics_objects_refuse_only_the_hook_that_needs_them_before_any_recalibration_is_kept(tmp_path):
+    torch.manual_seed(0)
+    model = LogsMetricObjects(bn_momentum=0.0)
+    before = {k: v for k, v in buffers_of(model).items() if "running" in k}
+    callback = BNGuardCallback([PreciseBN(), AutoRecalibrate()])
+    with pytest.raises(ValueError, match=r"^AutoRecalibrate evaluates again .* or leave AutoRecalibrate out\. The "
+                                         r"statistics are as they were before this validation\.$"):
+        trainer(tmp_path, [callback], epochs=2).fit(model, *loaders())
+    assert_same_tensors({k: v for k, v in buffers_of(model).items() if "running" in k}, before)
 
 
 class ShowsAccuracyInTheBar(Classifier):

@@ -31,7 +31,7 @@ from ..batches import batch_size as batch_size_of
 from ..batches import hook_batches
 from ..events import Event
 from ..hooks import Hook, HookRunner, checked_hooks
-from ..isolation import preserved_rng
+from ..isolation import preserved_rng, restore_statistics, saved_statistics
 from ..tracking import Trackers
 from .common import (RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated,
                      without_evaluation)
@@ -108,6 +108,7 @@ class BNGuardCallback(pl.Callback):
         self._restored: dict[str, Any] | None = None
         self._pending_eval = False
         self._metric_objects: list[str] | None = None
+        self._before_first: Any = None  # the statistics before the first validation, while it is watched
 
     # ---- setting up ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,13 +166,14 @@ class BNGuardCallback(pl.Callback):
             self._pending_eval = True
             if self._metric_objects is None and any(hook.reevaluates for hook in self.hooks):
                 self._metric_objects = _watch_metric_objects(pl_module, self.val_prefix)  # the first validation
+                self._before_first = saved_statistics(pl_module)
             self.runner.fire(Event.EVAL_START, step=trainer.global_step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self._evaluating(trainer) and self._pending_eval):
             return
         self._pending_eval = False
-        _end_watch(pl_module, self._metric_objects)  # the first validation's, before any hook acts on it
+        self._refuse_metric_objects(pl_module)  # the first validation's, before any hook acts on it
         measured = self._eval_metrics(trainer)
         train = {**self.runner.state.train_metrics, **self._train.means()}  # Lightning validates mid-epoch
         self.runner.fire(Event.EVAL_END, step=trainer.global_step, train_metrics=train, eval_metrics=dict(measured))
@@ -180,6 +182,25 @@ class BNGuardCallback(pl.Callback):
                 name = self.val_prefix + key.removeprefix("eval_")
                 pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True,
                               prog_bar=name in trainer.progress_bar_metrics)  # the bar shows the new value too
+
+    def _refuse_metric_objects(self, module: pl.LightningModule) -> None:
+        """After the first validation: validation metrics logged as torchmetrics objects cannot be measured
+        again, so hooks that must re-evaluate are refused, with the statistics as they were before it (a hook
+        may have recalibrated at its start); a hook that can do without is told."""
+        names, before = _end_watch(module, self._metric_objects), self._before_first
+        self._before_first = None
+        if not names:
+            return
+        self.runner.state.cannot_reevaluate = (
+            f"the LightningModule logs {', '.join(map(repr, names))} as torchmetrics object(s), which a "
+            f"re-evaluation cannot measure: log the value instead, e.g. self.log({names[0]!r}, "
+            "self.metric(preds, target)) (Lightning averages it over the batches)")
+        needing = [hook.state_key for hook in self.hooks if hook.reevaluates and not hook.reevaluation_optional]
+        if needing:
+            restore_statistics(before)
+            raise ValueError(f"{', '.join(needing)} evaluates again after a recalibration, and "
+                             f"{self.runner.state.cannot_reevaluate}; or leave {', '.join(needing)} out. The "
+                             "statistics are as they were before this validation.")
 
     def _eval_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """``val_<name>`` as ``eval_<name>``, averaged over processes so that every process decides alike."""
@@ -244,17 +265,12 @@ def _watch_metric_objects(module: pl.LightningModule, prefix: str) -> list[str]:
     return seen
 
 
-def _end_watch(module: pl.LightningModule, names: list[str] | None) -> None:
-    """Ends the watch of :func:`_watch_metric_objects`, if one is on, refusing what it saw."""
+def _end_watch(module: pl.LightningModule, names: list[str] | None) -> list[str]:
+    """Ends the watch of :func:`_watch_metric_objects`, if one is on; returns what it saw."""
     if "log" not in vars(module):
-        return
+        return []
     del module.log
-    if names:
-        raise ValueError(
-            f"the LightningModule logs {', '.join(map(repr, names))} as torchmetrics object(s), which bnguard's "
-            "re-evaluation after a recalibration cannot measure: log the value instead, e.g. "
-            f"self.log({names[0]!r}, self.metric(preds, target)) (Lightning averages it over the batches), or "
-            "leave AutoRecalibrate out. Nothing was recalibrated.")
+    return list(names or [])
 
 
 def _is_metric_object(value: Any) -> bool:
