@@ -74,6 +74,7 @@ def test_bad_input_is_named_with_exit_code_2_and_nothing_written(saved, capsys, 
     ("other.pt", "--out .*other.pt exists: bnguard does not replace files"),
     ("repaired.safetensors", r"the checkpoint is written back in its own format, name it \*.pt"),
     ("missing/repaired.pt", "folder .*missing does not exist"),
+    ("/sys/repaired.pt", r"--out /sys/repaired.pt: folder /sys cannot be written to \(.*\); give a path in a folder"),
 ])
 def test_an_output_that_would_replace_something_is_refused(saved, capsys, out, message):
     saved.with_name("other.pt").write_bytes(b"the user's own file")
@@ -86,10 +87,15 @@ def test_an_output_that_would_replace_something_is_refused(saved, capsys, out, m
 def test_checkpoints_that_cannot_be_read_are_named(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     (tmp_path / "notes.pt").write_text("not a checkpoint")
+    (tmp_path / "notes.txt").write_text("hello world")
+    (tmp_path / "nothing.pt").write_bytes(b"")
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
     cases = {tmp_path / "absent.pt": "absent.pt does not exist",
-             tmp_path / "notes.pt": "notes.pt is not a readable PyTorch file",
+             tmp_path / "notes.pt": r"notes.pt is not a PyTorch or safetensors file \(not written by torch.save\)",
+             tmp_path / "notes.txt": r"notes.txt is not a PyTorch or safetensors file \(KeyError: .*\): give a file "
+                                     "written by torch.save or safetensors",
+             tmp_path / "nothing.pt": r"nothing.pt is an empty file \(0 bytes\)",
              tmp_path / "broken.safetensors": "broken.safetensors is not a readable safetensors file",
              tmp_path / "empty": "is a folder but neither a bnguard Loop checkpoint .* nor a Hugging Face model folder"}
     for path, message in cases.items():
@@ -156,6 +162,7 @@ def test_help_explains_the_forms_with_examples():
 @pytest.mark.parametrize("report, message", [
     ("model.pt", "--report .*model.pt is the checkpoint itself or inside it"),
     ("missing/report.json", "--report .*report.json: folder .*missing does not exist"),
+    ("/sys/report.json", "--report /sys/report.json: folder /sys cannot be written to"),
 ])
 def test_a_report_that_would_replace_the_input_or_go_nowhere_is_refused_first(saved, capsys, report, message):
     before = saved.read_bytes()

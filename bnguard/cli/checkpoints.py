@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,8 @@ def _registered_objects(folder: Path) -> list[WeightsFile]:
 
 
 def _read(path: Path) -> WeightsFile:
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is an empty file (0 bytes): give the saved model's file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
@@ -95,14 +98,16 @@ def _read(path: Path) -> WeightsFile:
         return WeightsFile(path, torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as error:
         if not zipfile.is_zipfile(path):
-            raise InputError(f"{path} is not a readable PyTorch file (not written by torch.save)") from None
+            raise InputError(f"{path} is not a PyTorch or safetensors file (not written by torch.save)") from None
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         what = f" ({found.group(1)})" if found else ""
         raise InputError(f"{path} holds Python objects{what} besides tensors and plain containers, which bnguard "
                          "does not unpickle (that would run code from the file): save model.state_dict() instead") \
             from None
-    except (RuntimeError, EOFError) as error:
-        raise InputError(f"{path} is not a readable PyTorch file ({error})") from None
+    except Exception as error:  # noqa: BLE001 - torch.load fails on other bytes in many ways, all of them bad input
+        raise InputError(f"{path} is not a PyTorch or safetensors file ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'unreadable'}): give a file written by "
+                         "torch.save or safetensors") from None
 
 
 def check_output(checkpoint: Checkpoint, out: Path, option: str = "--out", replaceable: bool = False) -> None:
@@ -114,6 +119,12 @@ def check_output(checkpoint: Checkpoint, out: Path, option: str = "--out", repla
                          "give a new path")
     if not out.parent.is_dir():
         raise InputError(f"{option} {out}: folder {out.parent} does not exist")
+    try:  # what would fail after all the work: a file made there (root passes any mode check, not a mount's)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as error:
+        raise InputError(f"{option} {out}: folder {out.parent} cannot be written to ({error.strerror}); give a path "
+                         "in a folder you can write") from None
     if replaceable:
         return
     if out.exists():
