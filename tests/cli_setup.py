@@ -23,14 +23,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def loaders(size: int = 8, n_train: int = 48, n_eval: int = 24, batch_size: int = 8, offset: float = 0.0,
-            train_shift: float = 0.0, train_scale: float = 1.0, channels: int = 1):
+            train_shift: float = 0.0, train_scale: float = 1.0, channels: int = 1, random_labels: bool = False):
     """(train, eval) loaders of toy images plus ``offset``; the training order fixed by its own generator, so
     a second call gives the same batches. ``train_scale`` / ``train_shift`` make training inputs unlike the
-    eval ones; ``channels`` copies of the one channel."""
+    eval ones; ``channels`` copies of the one channel; ``random_labels``: eval labels unrelated to the images
+    (data unlike any the model was trained on)."""
     images, labels = toy_data(n_train, size=size).tensors
     train = TensorDataset(((images + offset) * train_scale + train_shift).repeat(1, channels, 1, 1), labels)
     shuffled = DataLoader(train, batch_size=batch_size, shuffle=n_train > 0, generator=torch.Generator().manual_seed(0))
     images, labels = toy_data(n_eval, seed=1, size=size).tensors
+    if random_labels:
+        labels = torch.randint(0, 4, labels.shape, generator=torch.Generator().manual_seed(7))
     return shuffled, DataLoader(TensorDataset((images + offset).repeat(1, channels, 1, 1), labels),
                                 batch_size=batch_size)
 

@@ -143,3 +143,73 @@ def test_inspect_shows_the_statistics_and_writes_nothing(tmp_path):
     assert float(first[3]) == pytest.approx(layer.running_var.double().mean().item(), rel=1e-3)
     assert int(first[5]) == int(layer.num_batches_tracked)
     assert "with the stored statistics" in done.stdout and "with the recalibrated statistics" in done.stdout
+
+
+def test_data_unlike_training_are_said_and_not_written(tmp_path):
+    torch.manual_seed(0)
+    source, out = tmp_path / "model.pt", tmp_path / "repaired.pt"
+    torch.save(trained(tiny_resnet()).state_dict(), source)
+    unlike = ("--data-kwargs", '{"random_labels": true, "n_eval": 400}')
+    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, *unlike,
+                       "--out", out)
+    assert done.returncode == 4, done.stderr
+    assert "the data look unlike the training data: the model scores at chance (25% for 4 classes)" in done.stdout
+    assert "not written: the data probably do not match training (check --data, --image-size" in done.stdout
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+    report = report_of(out)
+    assert not report["written"] and report["unlike_training"].startswith("the model scores at chance")
+    assert max(report["before"]["accuracy"], report["after"]["accuracy"]) <= 0.375
+    forced = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, *unlike,
+                         "--out", out, "--force")
+    assert forced.returncode == 0 and out.exists() and report_of(out)["written"]
+    assert "written although the data look unlike training (--force)" in forced.stdout
+
+
+def test_the_checkpoints_own_records_judge_the_data(tmp_path):
+    import json
+
+    from bnguard.cli.checkpoints import Checkpoint, open_checkpoint, recorded_accuracy
+    from bnguard.cli.commands import _unlike_training
+
+    toy_loop(tmp_path / "run", epochs=2, checkpoint_every_epochs=1).fit()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert recorded_accuracy(open_checkpoint(tmp_path / "run" / "checkpoints" / "epoch-0002")) == last["eval_acc"]
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "trainer_state.json").write_text(json.dumps(
+        {"log_history": [{"eval_accuracy": 0.5}, {"loss": 0.3}, {"eval_accuracy": 0.96}]}))
+    assert recorded_accuracy(Checkpoint(tmp_path / "hf", "Hugging Face folder")) == 0.96
+    assert recorded_accuracy(Checkpoint(tmp_path / "model.pt", "state dict")) is None
+
+    def findings(before, after):
+        return {"before": {"accuracy": before, "classes": 4}, "after": {"accuracy": after, "classes": 4}}
+
+    assert _unlike_training(findings(0.5, 0.6), 0.96) == ("its own records give 96.00% eval accuracy, and here: "
+                                                          "50.00% with the stored statistics, 60.00% recalibrated")
+    assert _unlike_training(findings(0.5, 0.9), 0.96) is None  # recalibration brought it back: stale, not unlike
+    assert _unlike_training(findings(0.5, 0.6), None) is None
+    assert _unlike_training(findings(0.26, 0.80), None) is None  # averaged weights: at chance until recalibrated
+
+
+def test_a_tolerance_the_data_cannot_meet_is_said_with_what_would_meet_it(tmp_path):
+    from bnguard import LayerReport, RecalibrationReport
+    from bnguard.cli.commands import tolerance_unmet
+
+    torch.manual_seed(0)
+    source, out = tmp_path / "model.pt", tmp_path / "repaired.pt"
+    torch.save(trained(tiny_resnet()).state_dict(), source)
+    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", "--data",
+                       "tests/cli_setup.py:loaders", "--tolerance", "0.01", "--out", out, "--force")
+    assert done.returncode == 0, done.stderr
+    report = report_of(out)
+    bound = report["recalibration"]["error_bound"]
+    assert bound > 0.01 and report["recalibration"]["stopped"] == "end of data"
+    assert report["tolerance_unmet"] in done.stdout
+    assert report["tolerance_unmet"].startswith(f"tolerance 0.01 not met: end of data at error bound {bound:.4f} "
+                                                "after 48 samples; meeting it would take about")
+    capped = RecalibrationReport(layers=[LayerReport("bn", samples=100, batches=10, error_bound=0.2)], samples=100,
+                                 tolerance=0.1, stopped="num_samples reached")
+    assert tolerance_unmet(capped) == ("tolerance 0.1 not met: num_samples reached at error bound 0.2000 after 100 "
+                                       "samples; meeting it would take about 400 samples (a larger --samples), or "
+                                       "--tolerance 0.2 accepts this bound")
+    met = RecalibrationReport(layers=[LayerReport("bn", error_bound=0.05)], tolerance=0.1, stopped="tolerance met")
+    assert tolerance_unmet(met) is None

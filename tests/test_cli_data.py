@@ -69,7 +69,7 @@ def test_an_image_folder_is_split_and_normalized_as_asked(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("normalize", ["0.5,0.5:0.2", "a:b", "0.5:-1"])
 def test_a_normalization_that_is_not_per_channel_numbers_is_refused(normalize):
-    from bnguard.cli.data import normalization
+    from bnguard.cli.forms import normalization
 
     with pytest.raises(ValueError, match="expected none, imagenet, or means:stds"):
         normalization(normalize)

@@ -2,10 +2,12 @@
 and nothing is written."""
 
 import re
+import sys
 
 import pytest
 import torch
 
+import bnguard
 from bnguard.cli import BAD_INPUT, main
 from cli_setup import ROOT, run_bnguard
 from helpers import tiny_resnet
@@ -46,7 +48,9 @@ def fails(capsys, *argv):
     (["--model", "torchvision:resnet1800"], "torchvision has no model 'resnet1800'"),
     (["--model", "no_such_package.models:Net"], "cannot import no_such_package.models"),
     (["--model", "tests/helpers.py:TinyNet"], "tests/helpers.py has no TinyNet"),
-    (["--model", "resnet18"], "expected package.module:name or path/to/file.py:name"),
+    (["--model", "resnet18"], "--model resnet18: give torchvision's model as --model torchvision:resnet18"),
+    (["--model", "mynet"], "expected package.module:name or path/to/file.py:name"),
+    ([*MODEL, "--data", "tests", "--out", "x.pt"], "--data tests: give a folder of images as --data imagefolder:tests"),
     ([], "which network does .* hold\\? give it with --model torchvision:NAME"),
     ([*MODEL, "--data", "tests/cli_setup.py:loaders", "--data-kwargs", '{"channels": 3}', "--out", "x.pt"],
      r"the model refused the data: a batch of inputs \[8, 3, 8, 8\], \[8\] gave RuntimeError: .*; check --data, "
@@ -58,7 +62,7 @@ def fails(capsys, *argv):
      "--data tests/cli_setup.py:loaders: batches is empty: recalibration needs at least one batch"),
     ([*MODEL, "--data", "tests/cli_setup.py:loaders", "--data-kwargs", '{"n_eval": 0}', "--out", "x.pt"],
      "the eval split is empty"),
-    ([*MODEL, "--device", "gpu", "--out", "x.pt"], "--device 'gpu' is not a device"),
+    ([*MODEL, *TOY_DATA, "--device", "gpu", "--out", "x.pt"], "--device 'gpu' is not a device"),
 ])
 def test_bad_input_is_named_with_exit_code_2_and_nothing_written(saved, capsys, argv, message):
     command = "recalibrate" if "--out" in argv else "inspect"
@@ -148,7 +152,10 @@ def test_the_exit_codes_reach_a_shell_script(saved):
     missing = run_bnguard("inspect", saved.with_name("absent.pt"), *MODEL)
     assert missing.returncode == 2 and "bnguard inspect: checkpoint" in missing.stderr
     no_out = run_bnguard("recalibrate", saved, *MODEL)
-    assert no_out.returncode == 2 and "the following arguments are required: --out" in no_out.stderr
+    assert no_out.returncode == 2 and "the following arguments are required: --data, --out" in no_out.stderr
+    no_data = run_bnguard("recalibrate", saved, *MODEL, "--out", saved.with_name("x.pt"))
+    assert no_data.returncode == 2 and "the following arguments are required: --data" in no_data.stderr
+    assert re.search(r"(?<!\[)--data SPEC", run_bnguard("recalibrate", "--help").stdout)  # not in [brackets]
 
 
 def test_help_explains_the_forms_with_examples():
@@ -169,3 +176,14 @@ def test_a_report_that_would_replace_the_input_or_go_nowhere_is_refused_first(sa
     code, err = fails(capsys, "inspect", saved, *MODEL, *TOY_DATA, "--report", saved.parent / report)
     assert code == BAD_INPUT and re.search(message, err), err
     assert saved.read_bytes() == before and sorted(p.name for p in saved.parent.iterdir()) == ["model.pt"]
+
+
+def test_help_and_version_answer_without_importing_torch():
+    probe = ("import runpy, sys\nsys.argv = ['bnguard'] + sys.argv[1:]\ntry:\n"
+             "    runpy.run_module('bnguard', run_name='__main__')\nexcept SystemExit as exit:\n"
+             "    print('exit', exit.code, sorted({'torch', 'accelerate', 'numpy'} & set(sys.modules)))")
+    for argv in (["--help"], ["recalibrate", "--help"], ["--version"], ["recalibrate", "x.pt"]):
+        shown = run_bnguard("-c", probe, *argv, launcher=(sys.executable,))
+        assert shown.stdout.strip().endswith("[]"), (argv, shown.stdout, shown.stderr)
+    version = run_bnguard("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"bnguard {bnguard.__version__}"

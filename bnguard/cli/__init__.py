@@ -7,15 +7,16 @@ import sys
 import traceback
 
 from .arguments import parse_args
-from .commands import run
-from .errors import BAD_INPUT, DONE, FAILED, NOT_WRITTEN_WORSE, InputError
+from .errors import BAD_INPUT, DONE, FAILED, NOT_WRITTEN_UNLIKE, NOT_WRITTEN_WORSE, InputError
 
-__all__ = ["BAD_INPUT", "DONE", "FAILED", "NOT_WRITTEN_WORSE", "main"]
+__all__ = ["BAD_INPUT", "DONE", "FAILED", "NOT_WRITTEN_UNLIKE", "NOT_WRITTEN_WORSE", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one command and returns its exit code (bad options exit with 2 through argparse)."""
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch is imported: --help and bad options answer at once
+    from .commands import run
+
     try:
         return run(args)
     except InputError as error:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .. import __version__
 from ..validation import fraction
-from .data import DATA_FORMS, normalization
-from .models import MODEL_FORMS
-from .state_dicts import AVERAGED, MODEL
+from .forms import AVERAGED, DATA_FORMS, MODEL, MODEL_FORMS, normalization
 
 EXAMPLES = """\
 checkpoints read: a bnguard Loop checkpoint folder (checked against its manifest), a Lightning .ckpt,
@@ -22,10 +21,13 @@ examples:
   bnguard recalibrate swa.pt --target averaged --model torchvision:resnet18 \\
       --data imagefolder:leaves --image-size 64 --out swa-repaired.pt
   bnguard recalibrate finetuned/ --data mypackage.data:loaders --out finetuned-repaired/
-  torchrun --nproc_per_node 2 -m bnguard recalibrate model.ckpt --model mypackage.models:Net --out fixed.ckpt
+  torchrun --nproc_per_node 2 -m bnguard recalibrate model.ckpt --model mypackage.models:Net \\
+      --data mypackage.data:loaders --out fixed.ckpt
 
 exit codes: 0 done; 1 failed; 2 bad input (the message says what to change); 3 not written: the recalibrated
-statistics scored a lower eval accuracy than the stored ones (--force writes them anyway).
+statistics scored a lower eval accuracy than the stored ones; 4 not written: the data look unlike the training
+data (the model scores at chance with either statistics, or far below its checkpoint's own records). --force
+writes in both cases.
 """
 
 
@@ -33,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bnguard", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Inspect and repair the BatchNorm running statistics of a saved model.")
+    parser.add_argument("--version", action="version", version=f"bnguard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,recalibrate}")
     inspect = commands.add_parser(
         "inspect", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -41,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     repair = commands.add_parser(
         "recalibrate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         help="recalibrate, evaluate before and after, write a new checkpoint if not worse, with a JSON report")
-    for sub, data_default in ((inspect, None), (repair, "digits")):
-        _common(sub, data_default)
+    for sub, data_required in ((inspect, False), (repair, True)):
+        _common(sub, data_required)
     inspect.add_argument("--report", help="also save the findings as JSON here")
     repair.add_argument("--out", required=True, help="the repaired checkpoint, in the input's form; must not exist")
     repair.add_argument("--report", help="the JSON report (default: OUT.report.json; replaced if it exists)")
@@ -50,16 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _common(parser: argparse.ArgumentParser, data_default: str | None) -> None:
+def _common(parser: argparse.ArgumentParser, data_required: bool) -> None:
     parser.add_argument("checkpoint", help="the saved model: a folder or a file (see below)")
     parser.add_argument("--model", metavar="SPEC",
                         help=f"the network: {MODEL_FORMS}; not needed for a Hugging Face folder")
     parser.add_argument("--model-kwargs", metavar="JSON", help="JSON keyword arguments for the model factory")
     parser.add_argument("--target", choices=[MODEL, AVERAGED], default=MODEL,
                         help="model (default), or the averaged model (AveragedModel / EMA) the file holds")
-    parser.add_argument("--data", default=data_default, metavar="SPEC",
-                        help=f"{DATA_FORMS} returning (train, eval) loaders"
-                             + (" (default digits)" if data_default else "; without it, statistics only"))
+    parser.add_argument("--data", required=data_required, metavar="SPEC",
+                        help=f"{DATA_FORMS} returning (train, eval) loaders: the data the model was trained on"
+                             + ("" if data_required else "; without it, statistics only"))
     parser.add_argument("--data-kwargs", metavar="JSON", help="JSON keyword arguments for the data factory")
     parser.add_argument("--image-size", type=_positive, default=32, metavar="N",
                         help="height and width for digits / imagefolder (default 32)")

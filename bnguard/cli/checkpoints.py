@@ -4,6 +4,7 @@ not at all in the same form."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import MANIFEST, CheckpointError, verify_checkpoint, write_manifest
+from ..records import RECORDS_COPY
 from .errors import InputError
 
 LOOP, LIGHTNING, HF, STATE_DICT = "bnguard Loop checkpoint", "Lightning checkpoint", "Hugging Face folder", "state dict"
@@ -108,6 +110,23 @@ def _read(path: Path) -> WeightsFile:
         raise InputError(f"{path} is not a PyTorch or safetensors file ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else 'unreadable'}): give a file written by "
                          "torch.save or safetensors") from None
+
+
+def recorded_accuracy(checkpoint: Checkpoint) -> float | None:
+    """The eval accuracy the checkpoint's own records give for its weights and statistics: a Loop folder's
+    last ``eval_acc`` (``records.json``), a Hugging Face Trainer folder's last ``eval_accuracy``
+    (``trainer_state.json``); None where there is none."""
+    records = []
+    for name, key in ((RECORDS_COPY, "eval_acc"), ("trainer_state.json", "eval_accuracy")):
+        path = checkpoint.path / name
+        if checkpoint.path.is_dir() and path.is_file():
+            try:
+                found = json.loads(path.read_text())
+            except ValueError:  # unreadable records judge nothing
+                continue
+            rows = found.get("log_history", []) if isinstance(found, dict) else found
+            records += [row[key] for row in rows if isinstance(row, dict) and isinstance(row.get(key), float)]
+    return records[-1] if records else None
 
 
 def check_output(checkpoint: Checkpoint, out: Path, option: str = "--out", replaceable: bool = False) -> None:

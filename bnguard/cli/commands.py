@@ -4,6 +4,7 @@ checkpoint only if eval accuracy did not drop."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from torch import nn
 from ..isolation import restore_statistics, saved_statistics
 from ..layers import has_running_statistics
 from ..recalibration import recalibrate
-from .checkpoints import Checkpoint, check_output, open_checkpoint, write_checkpoint
+from .checkpoints import Checkpoint, check_output, open_checkpoint, recorded_accuracy, write_checkpoint
 from .data import load_data
-from .errors import DONE, NOT_WRITTEN_WORSE, InputError
+from .errors import DONE, NOT_WRITTEN_UNLIKE, NOT_WRITTEN_WORSE, InputError
 from .evaluation import evaluate
 from .models import build_model
 from .output import accuracy_line, layer_statistics, save_report, statistics_table
@@ -46,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
             say(statistics_table(findings["statistics"]))
         if args.data is not None:
             findings.update(_repair(args, model, group, say))
+            findings["unlike_training"] = _unlike_training(findings, recorded_accuracy(checkpoint)
+                                                           if args.target == "model" else None)
+            if findings["unlike_training"]:
+                say(f"the data look unlike the training data: {findings['unlike_training']}")
         code = _decide(args, checkpoint, location, model, findings, group, say) \
             if args.command == "recalibrate" else DONE
         findings["seconds"] = time.perf_counter() - started
@@ -81,25 +86,62 @@ def _repair(args: argparse.Namespace, model: nn.Module, group: Processes, say: A
     except ValueError as error:  # no training batch, or batches recalibrate cannot use
         raise InputError(f"--data {args.data}: {error}") from None
     say(str(report))
+    if (unmet := tolerance_unmet(report)) is not None:
+        say(unmet)
     after = evaluate(model, data.evaluation(), group.device, label="eval, recalibrated", **scope)
     say(accuracy_line("recalibrated statistics", after, before))
     if args.command == "inspect":
         restore_statistics(stored)
-    return {"data": data.description, "before": before, "after": after, "recalibration": report.to_dict()}
+    return {"data": data.description, "before": before, "after": after, "recalibration": report.to_dict(),
+            "tolerance_unmet": unmet}
+
+
+def tolerance_unmet(report: Any) -> str | None:
+    """When the data ran out before the tolerance was met: the bound reached, and what would meet it (the
+    bound falls as one over the square root of the samples)."""
+    bound, tolerance = report.error_bound, report.tolerance
+    if tolerance is None or bound is None or bound <= tolerance or report.stopped == "tolerance met":
+        return None
+    needed = math.ceil(report.samples * (bound / tolerance) ** 2)
+    more = "more training data" if report.stopped == "end of data" else "a larger --samples"
+    return (f"tolerance {tolerance:g} not met: {report.stopped} at error bound {bound:.4f} after {report.samples} "
+            f"samples; meeting it would take about {needed} samples ({more}), or --tolerance "
+            f"{math.ceil(bound * 100) / 100:g} accepts this bound")
+
+
+def _unlike_training(findings: dict[str, Any], recorded: float | None) -> str | None:
+    """Why the data given are probably not what the model was trained on, or None: the model scores at chance
+    with the stored and the recalibrated statistics alike, or both far below the checkpoint's own records."""
+    before, after = findings["before"]["accuracy"], findings["after"]["accuracy"]
+    chance, best = 1 / max(findings["before"]["classes"], 1), max(before, after)
+    scores = f"{100 * before:.2f}% with the stored statistics, {100 * after:.2f}% recalibrated"
+    if findings["before"]["classes"] > 1 and best <= 1.5 * chance:
+        return f"the model scores at chance ({100 * chance:.3g}% for {findings['before']['classes']} classes): {scores}"
+    if recorded is not None and best < recorded - 0.2:
+        return f"its own records give {100 * recorded:.2f}% eval accuracy, and here: {scores}"
+    return None
 
 
 def _decide(args: argparse.Namespace, checkpoint: Checkpoint, location: Location, model: nn.Module,
             findings: dict[str, Any], group: Processes, say: Any) -> int:
     worse = findings["after"]["accuracy"] < findings["before"]["accuracy"]
-    written = not worse or args.force
-    decision = ("written although eval accuracy dropped (--force)" if worse else "written: eval accuracy did not "
-                "drop") if written else "not written: eval accuracy would drop; --force writes it anyway"
+    unlike = findings["unlike_training"] is not None
+    written = not (worse or unlike) or args.force
+    if unlike:
+        decision = ("written although the data look unlike training (--force)" if written else "not written: the "
+                    "data probably do not match training (check --data, --image-size, --normalize); --force writes "
+                    "it anyway")
+    elif worse:
+        decision = ("written although eval accuracy dropped (--force)" if written else "not written: eval accuracy "
+                    "would drop; --force writes it anyway")
+    else:
+        decision = "written: eval accuracy did not drop"
     findings.update(out=args.out, written=written, decision=decision)
     if written and group.main:
         write_checkpoint(checkpoint, [with_statistics(model, checkpoint, location)], Path(args.out))
     group.wait_for_everyone()
     say(f"{decision}" + (f"\nrepaired checkpoint: {args.out}" if written else ""))
-    return DONE if written else NOT_WRITTEN_WORSE
+    return DONE if written else NOT_WRITTEN_UNLIKE if unlike else NOT_WRITTEN_WORSE
 
 
 def _silent(*_: Any) -> None:

@@ -14,10 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import datasets
 from .errors import InputError
+from .forms import IMAGENET
 from .specs import call, load_object
-
-DATA_FORMS = "--data digits, --data imagefolder:DIR or --data package.module:factory"
-
 
 @dataclass
 class Data:
@@ -39,10 +37,13 @@ def load_data(spec: str, options: Any, kwargs: dict[str, Any], rank: int, world_
             raise InputError(f"--data digits: {error}") from None
     elif source == "imagefolder" and rest:
         try:
+            normalize = datasets.IMAGENET_NORMALIZATION if options.normalize == IMAGENET else options.normalize
             train, evaluation, _, _ = datasets.image_folder(Path(rest), options.image_size, seed=options.seed,
-                                                            normalization=options.normalize)
+                                                            normalization=normalize)
         except FileNotFoundError as error:
             raise InputError(f"--data {spec}: {error}") from None
+    elif ":" not in spec and Path(spec).is_dir():
+        raise InputError(f"--data {spec}: give a folder of images as --data imagefolder:{spec}")
     else:
         return _from_factory(spec, kwargs, rank, world_size)
     return Data(train=_loader(train, options, rank, world_size, shuffle=True),
@@ -96,19 +97,3 @@ def _sizes(train: Any, evaluation: Any) -> str:
         return f" ({len(train)} training and {len(evaluation)} eval batches)"
     except TypeError:
         return ""
-
-
-def normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """``--normalize``: none, imagenet, or MEANS:STDS as comma-separated numbers per channel."""
-    if text == "none":
-        return None
-    if text == "imagenet":
-        return datasets.IMAGENET_NORMALIZATION
-    means, _, stds = text.partition(":")
-    try:
-        pair = tuple(float(v) for v in means.split(",")), tuple(float(v) for v in stds.split(","))
-    except ValueError:
-        pair = ((), ())
-    if not pair[0] or len(pair[0]) != len(pair[1]) or min(pair[1]) <= 0:
-        raise ValueError("expected none, imagenet, or means:stds, e.g. 0.5,0.5,0.5:0.25,0.25,0.25")
-    return pair

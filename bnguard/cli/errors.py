@@ -1,6 +1,6 @@
 """What the command line's exit codes mean, and the error that names bad input."""
 
-DONE, FAILED, BAD_INPUT, NOT_WRITTEN_WORSE = 0, 1, 2, 3
+DONE, FAILED, BAD_INPUT, NOT_WRITTEN_WORSE, NOT_WRITTEN_UNLIKE = 0, 1, 2, 3, 4
 
 
 class InputError(Exception):

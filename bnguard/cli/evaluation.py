@@ -20,21 +20,23 @@ from .errors import InputError
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Any], device: torch.device, *, rank: int, world_size: int,
              label: str) -> dict[str, float]:
-    """Eval-mode accuracy and mean cross-entropy of ``model`` over every process's batches."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    """Eval-mode accuracy and mean cross-entropy of ``model`` over every process's batches, and the number of
+    classes its logits score."""
+    sums, classes = torch.zeros(3, dtype=torch.float64), 0
     bar = tqdm(batches, desc=label, unit="batch", leave=False, disable=not show_progress(True, rank == 0))
     with preserved_modes(model):
         model.eval()
         for index, batch in enumerate(bar):
             batch = to_device(batch, device)
             logits, labels = _logits_and_labels(model, batch, first=index == 0)
+            classes = logits.shape[1]
             sums += torch.stack([accuracy(logits, labels).sum().cpu(),
                                  nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double().cpu(),
                                  torch.tensor(float(labels.numel()), dtype=torch.float64)])
     correct, loss, count = sum_over_processes(sums.to(device), world_size).tolist()
     if count == 0:
         raise InputError("the eval split is empty: give data with eval samples")
-    return {"accuracy": correct / count, "loss": loss / count, "samples": int(count)}
+    return {"accuracy": correct / count, "loss": loss / count, "samples": int(count), "classes": classes}
 
 
 def _logits_and_labels(model: nn.Module, batch: Any, first: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,8 @@ from torch import nn
 
 from .checkpoints import HF, Checkpoint
 from .errors import InputError
+from .forms import MODEL_FORMS
 from .specs import call, load_object
-
-MODEL_FORMS = "--model torchvision:NAME, --model hf:FOLDER or --model package.module:factory (with --model-kwargs)"
 
 
 def build_model(spec: str | None, kwargs: dict[str, Any], checkpoint: Checkpoint) -> nn.Module:
@@ -26,6 +25,7 @@ def build_model(spec: str | None, kwargs: dict[str, Any], checkpoint: Checkpoint
     elif source == "hf" and name:
         model = _transformers(Path(name), kwargs)
     else:
+        _suggest_torchvision(spec)
         factory = load_object(spec, "--model")
         model = _from_pretrained_class(factory, checkpoint) if checkpoint.kind == HF else None
         model = model if model is not None else call(factory, kwargs, "--model")
@@ -41,6 +41,16 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise InputError(f"--model torchvision:{name}: torchvision has no model {name!r} "
                          "(torchvision.models.list_models() lists them, e.g. resnet18)")
     return call(lambda **given: torchvision.models.get_model(name, **given), kwargs, "--model")
+
+
+def _suggest_torchvision(spec: str) -> None:
+    """A bare torchvision model name is most likely meant as one."""
+    if ":" in spec:
+        return
+    import torchvision
+
+    if spec in torchvision.models.list_models():
+        raise InputError(f"--model {spec}: give torchvision's model as --model torchvision:{spec}")
 
 
 def _transformers(folder: Path, kwargs: dict[str, Any]) -> nn.Module:

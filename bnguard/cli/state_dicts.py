@@ -13,8 +13,8 @@ from torch.nn.parameter import is_lazy
 from ..layers import batchnorm_layers, tracks_statistics
 from .checkpoints import Checkpoint, WeightsFile
 from .errors import InputError
+from .forms import AVERAGED, MODEL
 
-MODEL, AVERAGED = "model", "averaged"
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
