@@ -65,12 +65,9 @@ class AutoRecalibrate(Hook):
                  probe_samples: int | None = None, probe_score: Score = batch_accuracy, report_only: bool = False,
                  include_frozen: bool = False, target: Target = None, alert_every_s: float = 3600.0,
                  train_monitor: str | None = None):
-        given = {"gap_threshold": gap_threshold, "drop_threshold": drop_threshold, "recovery_margin": recovery_margin}
-        self.policy = DivergencePolicy(monitor=monitor, higher_is_better=higher_is_better, patience=patience,
-                                       max_cooldown=max_cooldown,
-                                       **{name: THRESHOLDS[name] if value is None else value
-                                          for name, value in given.items()})
-        self.scale = ThresholdScale(self.policy, [name for name, value in given.items() if value is None])
+        self.policy, self.scale = ThresholdScale.policy_for(
+            monitor=monitor, higher_is_better=higher_is_better, gap_threshold=gap_threshold, patience=patience,
+            drop_threshold=drop_threshold, recovery_margin=recovery_margin, max_cooldown=max_cooldown)
         self.monitor, self.report_only, self.alert_every_s = monitor, report_only, alert_every_s
         self.train_monitor = train_monitor or monitor
         self.tolerance = fraction("tolerance", tolerance, optional=True)
@@ -80,19 +77,10 @@ class AutoRecalibrate(Hook):
         self.history: list[dict[str, Any]] = []
         self._last_alert, self._warn_once, self._frozen = -float("inf"), WarnOnce(), FrozenDuringTraining()
 
-    def check(
-        self,
-        model: nn.Module,
-        *,
-        eval_value: float,
-        train_value: float | None = None,
-        evaluate: Callable[[], Mapping[str, float] | float],
-        batches: Iterable[Any] | Callable[[], Iterable[Any]],
-        accelerator: Any = None,
-        nonfinite: Sequence[str] = (),
-        frozen: Iterable[nn.Module] | None = None,
-        forward: Forward | None = None,
-    ) -> Decision:
+    def check(self, model: nn.Module, *, eval_value: float, train_value: float | None = None,
+              evaluate: Callable[[], Mapping[str, float] | float], batches: Iterable[Any] | Callable[[], Iterable[Any]],
+              accelerator: Any = None, nonfinite: Sequence[str] = (), frozen: Iterable[nn.Module] | None = None,
+              forward: Forward | None = None) -> Decision:
         """Decides after one evaluation and acts on it; returns the :class:`Decision`. ``batches``: training
         batches, or a callable giving them (called only to recalibrate or probe); ``nonfinite``: the NaN/Inf
         metrics' names; ``frozen``: BatchNorm layers to leave alone; ``forward(model, batch)``: as in
@@ -199,6 +187,13 @@ class ThresholdScale:
 
     def __init__(self, policy: DivergencePolicy, defaulted: list[str]):
         self.policy, self.defaulted, self.percent = policy, defaulted, False
+
+    @classmethod
+    def policy_for(cls, **settings: Any) -> tuple[DivergencePolicy, ThresholdScale]:
+        """A policy whose thresholds given as None take their defaults, and the scale that follows them."""
+        defaulted = [name for name in THRESHOLDS if settings[name] is None]
+        policy = DivergencePolicy(**{**settings, **{name: THRESHOLDS[name] for name in defaulted}})
+        return policy, cls(policy, defaulted)
 
     def to_percent(self) -> None:
         self.percent = True

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .. import __version__
+from importlib.metadata import PackageNotFoundError, version
+
 from ..validation import fraction
 from .forms import AVERAGED, DATA_FORMS, MODEL, MODEL_FORMS, normalization
 
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bnguard", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Inspect and repair the BatchNorm running statistics of a saved model.")
-    parser.add_argument("--version", action="version", version=f"bnguard {__version__}")
+    parser.add_argument("--version", action="version", version=f"bnguard {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,recalibrate}")
     inspect = commands.add_parser(
         "inspect", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -77,6 +78,13 @@ def _common(parser: argparse.ArgumentParser, data_required: bool) -> None:
                         help="stop once every layer's 95%% error bound is within this (default 0.1), or off")
     parser.add_argument("--samples", type=_positive, metavar="N", help="at most this many training samples")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
+
+
+def _version() -> str:
+    try:
+        return version("bnguard")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def _positive(text: str) -> int:

@@ -32,6 +32,7 @@ from ..batches import hook_batches
 from ..events import Event
 from ..hooks import Hook, HookRunner, checked_hooks
 from ..isolation import preserved_rng, restore_statistics, saved_statistics
+from ..recalibration import Forward
 from ..tracking import Trackers
 from .common import (RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated,
                      without_evaluation)
@@ -96,8 +97,7 @@ class BNGuardCallback(pl.Callback):
     """
 
     def __init__(self, hooks: Iterable[Hook] = (), *, val_prefix: str = "val_",
-                 recalibration_loader: Iterable[Any] | None = None,
-                 forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0):
+                 recalibration_loader: Iterable[Any] | None = None, forward: Forward | None = None, seed: int = 0):
         self.hooks = checked_hooks(hooks)  # checked here, where a mistake is made
         self.val_prefix, self.seed = val_prefix, seed
         self.recalibration_loader, self.forward = recalibration_loader, forward
@@ -107,8 +107,7 @@ class BNGuardCallback(pl.Callback):
         self._train = RunningMeans()
         self._restored: dict[str, Any] | None = None
         self._pending_eval = False
-        self._metric_objects: list[str] | None = None
-        self._before_first: Any = None  # the statistics before the first validation, while it is watched
+        self._watch: FirstValidationWatch | None = None  # set at the first validation
 
     # ---- setting up ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -164,16 +163,16 @@ class BNGuardCallback(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._evaluating(trainer):
             self._pending_eval = True
-            if self._metric_objects is None and any(hook.reevaluates for hook in self.hooks):
-                self._metric_objects = _watch_metric_objects(pl_module, self.val_prefix)  # the first validation
-                self._before_first = saved_statistics(pl_module)
+            if self._watch is None and any(hook.reevaluates for hook in self.hooks):
+                self._watch = FirstValidationWatch(pl_module, self.val_prefix)
             self.runner.fire(Event.EVAL_START, step=trainer.global_step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self._evaluating(trainer) and self._pending_eval):
             return
         self._pending_eval = False
-        self._refuse_metric_objects(pl_module)  # the first validation's, before any hook acts on it
+        if self._watch is not None:  # the first validation's, before any hook acts on it
+            self._watch.end(self.hooks, self.runner.state)
         measured = self._eval_metrics(trainer)
         train = {**self.runner.state.train_metrics, **self._train.means()}  # Lightning validates mid-epoch
         self.runner.fire(Event.EVAL_END, step=trainer.global_step, train_metrics=train, eval_metrics=dict(measured))
@@ -182,25 +181,6 @@ class BNGuardCallback(pl.Callback):
                 name = self.val_prefix + key.removeprefix("eval_")
                 pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True,
                               prog_bar=name in trainer.progress_bar_metrics)  # the bar shows the new value too
-
-    def _refuse_metric_objects(self, module: pl.LightningModule) -> None:
-        """After the first validation: validation metrics logged as torchmetrics objects cannot be measured
-        again, so hooks that must re-evaluate are refused, with the statistics as they were before it (a hook
-        may have recalibrated at its start); a hook that can do without is told."""
-        names, before = _end_watch(module, self._metric_objects), self._before_first
-        self._before_first = None
-        if not names:
-            return
-        self.runner.state.cannot_reevaluate = (
-            f"the LightningModule logs {', '.join(map(repr, names))} as torchmetrics object(s), which a "
-            f"re-evaluation cannot measure: log the value instead, e.g. self.log({names[0]!r}, "
-            "self.metric(preds, target)) (Lightning averages it over the batches)")
-        needing = [hook.state_key for hook in self.hooks if hook.reevaluates and not hook.reevaluation_optional]
-        if needing:
-            restore_statistics(before)
-            raise ValueError(f"{', '.join(needing)} evaluates again after a recalibration, and "
-                             f"{self.runner.state.cannot_reevaluate}; or leave {', '.join(needing)} out. The "
-                             "statistics are as they were before this validation.")
 
     def _eval_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """``val_<name>`` as ``eval_<name>``, averaged over processes so that every process decides alike."""
@@ -250,27 +230,43 @@ class BNGuardCallback(pl.Callback):
             self.records = list(self._restored["records"])
 
 
-def _watch_metric_objects(module: pl.LightningModule, prefix: str) -> list[str]:
-    """Passes the module's ``self.log`` calls through to Lightning, noting the validation metrics logged as
-    torchmetrics objects, which a re-evaluation cannot measure (their state is Lightning's to compute)."""
-    seen: list[str] = []
-    logging = module.log
+class FirstValidationWatch:
+    """The first validation, watched: the module's ``self.log`` calls pass through to Lightning while the
+    validation metrics logged as torchmetrics objects are noted (a re-evaluation cannot measure them, their
+    state is Lightning's to compute), and the statistics before it are kept, to be put back when a hook that
+    must re-evaluate is refused (another may have recalibrated at the validation's start)."""
 
-    def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        if name.startswith(prefix) and _is_metric_object(value) and name not in seen:
-            seen.append(name)
-        logging(name, value, *args, **kwargs)
+    def __init__(self, module: pl.LightningModule, prefix: str):
+        self.module, self.seen, self.before = module, [], saved_statistics(module)
+        self.ended = False
+        logging = module.log
 
-    module.log = log  # on this instance only; removed at the end of the validation
-    return seen
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if name.startswith(prefix) and _is_metric_object(value) and name not in self.seen:
+                self.seen.append(name)
+            logging(name, value, *args, **kwargs)
 
+        module.log = log  # on this instance only; removed at the end of the validation
 
-def _end_watch(module: pl.LightningModule, names: list[str] | None) -> list[str]:
-    """Ends the watch of :func:`_watch_metric_objects`, if one is on; returns what it saw."""
-    if "log" not in vars(module):
-        return []
-    del module.log
-    return list(names or [])
+    def end(self, hooks: list[Hook], state: Any) -> None:
+        """Ends the watch. With metric objects seen, hooks that must re-evaluate are refused, naming them, the
+        statistics as before; those that do without are told (``state.cannot_reevaluate``)."""
+        if self.ended:
+            return
+        self.ended = True
+        del self.module.log
+        if not self.seen:
+            return
+        state.cannot_reevaluate = (
+            f"the LightningModule logs {', '.join(map(repr, self.seen))} as torchmetrics object(s), which a "
+            f"re-evaluation cannot measure: log the value instead, e.g. self.log({self.seen[0]!r}, "
+            "self.metric(preds, target)) (Lightning averages it over the batches)")
+        needing = [hook.state_key for hook in hooks if hook.reevaluates and not hook.reevaluation_optional]
+        if needing:
+            restore_statistics(self.before)
+            raise ValueError(f"{', '.join(needing)} evaluates again after a recalibration, and "
+                             f"{state.cannot_reevaluate}; or leave {', '.join(needing)} out. The statistics are "
+                             "as they were before this validation.")
 
 
 def _is_metric_object(value: Any) -> bool:
