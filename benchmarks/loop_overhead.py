@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 
@@ -91,6 +91,15 @@ def with_loop(train_set, eval_set, epochs: int) -> tuple[float, float]:
         return time.perf_counter() - start, float("nan")
 
 
+def described(device: torch.device) -> str:
+    """The device the runs trained on, as the table's header names it."""
+    if device.type == "cpu":
+        return f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return str(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
@@ -107,6 +116,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in runs}
     inside: dict[str, list[float]] = {name: [] for name in runs}
     hand_written(train_set, eval_set, 1)  # warm-up: first-touch allocations, thread pools
+    device = PartialState().device  # where Accelerate put the runs
     for repeat in range(args.repeats):
         order = list(runs) if repeat % 2 == 0 else list(reversed(runs))  # noise hits every run alike
         for name in order:
@@ -115,8 +125,8 @@ def main() -> None:
             inside[name].append(in_guard / total)
     base = statistics.median(times["hand-written Accelerate loop"])
     steps = args.epochs * len(DataLoader(train_set, batch_size=32))
-    print(f"{steps} steps ({args.epochs} epochs of digits, SeedNet w16, batch 32) on CPU, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{steps} steps ({args.epochs} epochs of digits, SeedNet w16, batch 32) on {described(device)}, median "
+          f"of {args.repeats}")
     print(f"| {'loop':<34} | {'seconds':>8} | {'ms / step':>9} | {'ratio':>6} | {'in Guard calls':>14} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 16}|")
     for name, values in times.items():
