@@ -20,6 +20,11 @@ from helpers import (assert_same_tensors, assert_two_ranks_agree, buffers_of, pa
 from lightning_setup import Classifier, loaders, memorizing_loaders, trainer
 from wandb_log import history, offline_run_dir
 
+# Lightning's advice for the tiny runs here (few batches per epoch), and its notice for the resumed runs
+# that write into their own checkpoint folder again, as resuming means to.
+pytestmark = [pytest.mark.filterwarnings("ignore:The number of training batches .* is smaller than the logging"),
+              pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")]
+
 
 def bn_names(model):
     return [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
@@ -251,6 +256,7 @@ def test_torchmetrics_objects_are_refused_at_the_first_validation_before_any_rec
         trainer(tmp_path, [callback], epochs=2).fit(model, *loaders())
     assert_same_tensors(statistics(), before)  # momentum 0: only a recalibration could have changed them
     assert callback.records == [] and "log" not in vars(model)
+    model.train()  # the refused fit stopped in validation, in eval mode
     trainer(tmp_path, [BNGuardCallback([BNStatsLogger(every_n_steps=2)])], epochs=1).fit(model, *loaders())
 
 

@@ -35,7 +35,7 @@ def wandb_dir(tmp_path, monkeypatch):
 
 def test_histograms_of_every_batchnorm_layer_reach_wandb_and_tensorboard(tmp_path, wandb_dir):
     model = tiny_resnet()
-    hooks = [BNStatsLogger(every_n_steps=2, on_eval=False)]
+    hooks = [BNStatsLogger(every_n_steps=2, on_eval=False, overview_metric="accuracy")]
     trainer(tmp_path, [BNGuardCallback(hooks)], model=model, epochs=2, report_to=["wandb", "tensorboard"]).train()
     wandb.finish()  # the Trainer leaves its run open
     rows = history(offline_run_dir(wandb_dir))
@@ -185,7 +185,8 @@ def test_the_hooks_leave_training_bit_identical(tmp_path):
         trainer(tmp_path, callbacks, model=model, epochs=3).train()
         return parameters_of(model)
 
-    hooks = [BNStatsLogger(every_n_steps=1), AutoRecalibrate(**LOSS), PreciseBN(), reevaluating_hook()]
+    hooks = [BNStatsLogger(every_n_steps=1, overview_metric="accuracy"), AutoRecalibrate(**LOSS), PreciseBN(),
+             reevaluating_hook()]
     guarded = trained([BNGuardCallback(hooks)])
     assert_same_tensors(trained([]), guarded)
 

@@ -106,7 +106,8 @@ def test_without_an_eval_dataset_the_default_hooks_say_what_to_give(tmp_path):
     setup = trainer(tmp_path, [], eval_strategy="no")
     fit = transformers.Trainer(model=tiny_resnet(), args=setup.args, train_dataset=setup.train_dataset,
                                callbacks=[BNGuardCallback()])
-    with pytest.raises(HookError, match="AutoRecalibrate needs evaluation: give the Trainer an eval_dataset"):
+    with pytest.raises(HookError, match="AutoRecalibrate needs evaluation: give the Trainer an eval_dataset"), \
+            pytest.warns(UserWarning, match="AutoRecalibrate will never run: the Trainer never evaluates"):
         fit.train()
 
 
