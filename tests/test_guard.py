@@ -445,6 +445,26 @@ def test_dict_batches_and_dict_outputs():
     assert guard.records[0]["recal_samples"] == 16
 
 
+def stale_training():
+    """The stale model, its optimizer, a training loader and an evaluate function, as plain_loop has them."""
+    model = stale_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    evaluate = evaluator(model, DataLoader(toy_data(32, seed=1), batch_size=8))
+    return model, optimizer, DataLoader(toy_data(48), batch_size=8, shuffle=True), evaluate
+
+
+def guarded_epoch(model, optimizer, loader, guard, after_step=None):
+    """One epoch of optimizer steps, each followed by the guard's step call (and ``after_step()``)."""
+    for images, labels in loader:
+        loss = F.cross_entropy(outputs := model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        guard.step(outputs, labels, loss=loss)
+        if after_step is not None:
+            after_step()
+
+
 def test_the_guard_logs_under_bnguard_and_never_over_the_scripts_own_metrics(tmp_path):
     from accelerate import Accelerator
 
@@ -453,20 +473,12 @@ def test_the_guard_logs_under_bnguard_and_never_over_the_scripts_own_metrics(tmp
 
     accelerator = Accelerator(cpu=True)
     bnguard.start_trackers(accelerator, "wandb", project="guard-keys", output_dir=tmp_path)
-    model = stale_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train_loader = DataLoader(toy_data(48), batch_size=8, shuffle=True)
-    evaluate = evaluator(model, DataLoader(toy_data(32, seed=1), batch_size=8))
+    model, optimizer, train_loader, evaluate = stale_training()
     guard = bnguard.Guard(model, evaluate=evaluate, train_loader=train_loader, accelerator=accelerator)
     mine, guards = {}, {}
     for epoch in range(4):
-        for images, labels in train_loader:
-            loss = F.cross_entropy(outputs := model(images), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            guard.step(outputs, labels, loss=loss)
-            accelerator.log({"train_loss": 9.0 + epoch}, step=guard.state.step)  # the script's own series
+        guarded_epoch(model, optimizer, train_loader, guard,  # the script's own series, at the guard's steps
+                      after_step=lambda: accelerator.log({"train_loss": 9.0 + epoch}, step=guard.state.step))
         accelerator.log({"eval_acc": 0.125, "epoch": 100 + epoch}, step=guard.state.step)  # e.g. an EMA's
         metrics = guard.evaluated(evaluate())
         mine[guard.state.step] = {"train_loss": 9.0 + epoch, "eval_acc": 0.125, "epoch": 100 + epoch}
@@ -485,20 +497,12 @@ def test_the_guard_logs_under_bnguard_and_never_over_the_scripts_own_metrics(tmp
 
 def percent_run(evaluation_scale, metric_scale=None, **thresholds):
     """Four epochs of the stale model in a plain loop whose evaluation gives top1 times evaluation_scale."""
-    model = stale_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train_loader = DataLoader(toy_data(48), batch_size=8, shuffle=True)
-    evaluate = evaluator(model, DataLoader(toy_data(32, seed=1), batch_size=8))
+    model, optimizer, train_loader, evaluate = stale_training()
     guard = bnguard.Guard(model, [bnguard.AutoRecalibrate(monitor="top1", **thresholds)], metric_name="top1",
                           evaluate=lambda: {"top1": evaluation_scale * evaluate()["acc"]}, train_loader=train_loader,
                           metric_scale=metric_scale)
     for _ in range(4):
-        for images, labels in train_loader:
-            loss = F.cross_entropy(outputs := model(images), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            guard.step(outputs, labels, loss=loss)
+        guarded_epoch(model, optimizer, train_loader, guard)
         guard.evaluate()
     guard.end()
     return guard.records
