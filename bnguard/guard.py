@@ -48,11 +48,12 @@ class Guard:
     ``train_loader``'s dataset (its iterator is never touched), or ``recalibration_loader``. With an
     ``accelerator``, steps count where gradients sync, and train metrics are summed over its processes
     (without one, over the default process group's). ``metric(logits, targets)``: per-sample scores
-    (default accuracy; None: the loss only), counted times ``metric_scale`` to compare with your evaluation's:
-    by default the accuracy is counted in percent once your evaluation gives one above 1 (torchvision's and
-    timm's top1), or as a fraction; pass ``metric_scale=100`` to state percent from the start. The train and eval metrics reach the trackers under
-    ``bnguard/`` (``bnguard/train_acc``, ``bnguard/eval_acc``), never under the names your loop logs its own
-    by. :attr:`records`: one dict per epoch, as ``metrics.jsonl`` lines. Checkpoint it with :meth:`state_dict` / :meth:`load_state_dict` or
+    (default accuracy; None: the loss only), counted times ``metric_scale`` to compare with your
+    evaluation's: by default the accuracy is counted in percent once your evaluation gives one above 1
+    (torchvision's and timm's top1), else as a fraction; ``metric_scale=100`` states percent from the start.
+    The train and eval metrics reach the trackers under ``bnguard/`` (``bnguard/train_acc``,
+    ``bnguard/eval_acc``), never under the names your loop logs its own by. :attr:`records`: one dict per
+    epoch, as ``metrics.jsonl`` lines. Checkpoint it with :meth:`state_dict` / :meth:`load_state_dict` or
     ``accelerator.register_for_checkpointing(guard)``; ``with guard:`` reports an exception to the hooks.
     """
 
@@ -64,7 +65,7 @@ class Guard:
         if hooks is None:
             hooks = [BNStatsLogger(overview_metric=metric_name),
                      AutoRecalibrate(monitor=metric_name if metric is not None else "loss",
-                                                      higher_is_better=metric is not None)]
+                                     higher_is_better=metric is not None)]
         self.accelerator, self.metric_name, self._evaluate = accelerator, metric_name, evaluate
         self.batches = hook_batches(train_loader, recalibration_loader, accelerator=accelerator, seed=seed)
         self.runner = HookRunner(hooks, accelerator=accelerator, model=model, optimizer=optimizer,

@@ -25,9 +25,12 @@ class TrainCounts:
 
     def __init__(self, metric: Metric | None, metric_name: str, device: torch.device, accelerator: Any = None,
                  scale: float | None = None):
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+            raise ValueError(f"metric_scale must be a number above 0 (100: the evaluation gives percent), got "
+                             f"{scale!r}")
         self.metric, self.metric_name, self.accelerator = metric, metric_name, accelerator
         self.sums = MetricSums(device)
-        self.scale, self.detects_scale = scale or 1.0, scale is None and metric is accuracy
+        self.scale, self.detects_scale = float(scale or 1), scale is None and metric is accuracy
 
     def add(self, outputs: Any, targets: torch.Tensor | None, loss: Any, batch: Any, step: int) -> None:
         """One batch: ``loss`` (else ``outputs.loss`` / ``outputs["loss"]``), and ``metric`` of the outputs'

@@ -238,7 +238,8 @@ def test_thresholds_given_as_fractions_for_a_percentage_are_named_with_the_scale
     model, data = trained_model_with_stale_statistics()
     guard = AutoRecalibrate(report_only=True, gap_threshold=0.1)
     with pytest.warns(UserWarning, match=r"acc is 71.3, above 1: a percentage\? The thresholds given are in the "
-                                         r"metric's own units \(gap_threshold 0.1\), .* AutoRecalibrate\(gap_threshold=10\)"):
+                                         r"metric's own units \(gap_threshold 0.1\), .* "
+                                         r"AutoRecalibrate\(gap_threshold=10\)"):
         assert not guard.check(model, eval_value=71.3, train_value=71.34, evaluate=lambda: 71.3,
                                batches=[]).triggered
     assert (guard.policy.drop_threshold, guard.policy.recovery_margin) == (3, 1)  # the defaulted ones in points

@@ -164,6 +164,12 @@ def test_a_single_number_comes_back_as_a_number_and_losses_come_from_the_outputs
     assert guard.records[-1]["train_loss"] == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("scale", [0, -100, "100", True])
+def test_a_metric_scale_that_is_no_positive_number_is_refused(scale):
+    with pytest.raises(ValueError, match=rf"metric_scale must be a number above 0 .*got {scale!r}"):
+        bnguard.Guard(stale_model(), [], metric_scale=scale)
+
+
 def test_bad_evaluation_values_and_a_missing_evaluate_are_named():
     guard = bnguard.Guard(stale_model(), [])
     with pytest.raises(TypeError, match="return a float or a dict of floats"):
@@ -360,7 +366,7 @@ def test_accelerate_loop_counts_train_accuracy_and_keeps_training_bit_identical(
     _, model, guard, hand = accelerate_loop(3, guarded=True)
     assert_same_tensors(parameters_of(bare), parameters_of(model))
     assert [r["train_acc"] for r in guard.records] == pytest.approx(hand, abs=1e-12)
-    assert sum(r["recalibrated"] for r in guard.records) >= 1  # the first at epoch 2; its statistics then hold (momentum 0)
+    assert sum(r["recalibrated"] for r in guard.records) >= 1  # at epoch 2; momentum 0 then keeps the statistics
 
 
 def _guarded_accelerate_on_two_ranks(out_dir):
