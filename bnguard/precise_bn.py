@@ -36,9 +36,10 @@ class PreciseBN(Hook):
     The first recalibration is checked: the evaluation runs again with the statistics it replaced, and when
     the new ones make ``eval_<monitor>`` worse by more than ``margin`` (in the metric's units) they are
     undone, with a warning naming the likely cause (recalibration batches not prepared like the training
-    batches). ``monitor="auto"`` judges by ``eval_loss``, else ``eval_acc``; with a ``target``, by the first
-    of the evaluation's metrics that the target's statistics moved (a metric of the trained model cannot
-    judge them). ``higher_is_better`` defaults to False for a name with "loss" in it, else True.
+    batches). ``monitor="auto"`` judges by ``eval_loss``, else ``eval_acc``, else another loss or accuracy
+    the evaluation gives; with a ``target``, by the first of those that the target's statistics moved (a
+    metric of the trained model cannot judge them). ``higher_is_better`` defaults to False for a name with
+    "loss" in it, else True.
     ``monitor=None`` skips the check, which costs one evaluation per run.
     """
 
@@ -157,7 +158,10 @@ class PreciseBN(Hook):
 
 def _candidates(monitor: str, eval_metrics: dict[str, float]) -> list[str]:
     """The eval metrics that may judge a recalibration, in order: ``eval_<monitor>``, or for "auto" eval_loss,
-    eval_acc and then the others the evaluation gives."""
+    eval_acc and then the evaluation's other losses and accuracies (``loss``, ``acc`` or ``top`` in the name;
+    not its timings)."""
     if monitor != "auto":
         return [f"eval_{monitor}"]
-    return ["eval_loss", "eval_acc", *(key for key in eval_metrics if key not in ("eval_loss", "eval_acc"))]
+    others = [key for key in eval_metrics if key not in ("eval_loss", "eval_acc")
+              and any(kind in key.removeprefix("eval_") for kind in ("loss", "acc", "top"))]
+    return ["eval_loss", "eval_acc", *others]
