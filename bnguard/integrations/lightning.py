@@ -255,6 +255,7 @@ class FirstValidationWatch:
             return
         self.ended = True
         del self.module.log
+        before, self.before = self.before, None  # needed only now
         if not self.seen:
             return
         state.cannot_reevaluate = (
@@ -263,7 +264,7 @@ class FirstValidationWatch:
             "self.metric(preds, target)) (Lightning averages it over the batches)")
         needing = [hook.state_key for hook in hooks if hook.reevaluates and not hook.reevaluation_optional]
         if needing:
-            restore_statistics(self.before)
+            restore_statistics(before)
             raise ValueError(f"{', '.join(needing)} evaluates again after a recalibration, and "
                              f"{state.cannot_reevaluate}; or leave {', '.join(needing)} out. The statistics are "
                              "as they were before this validation.")
