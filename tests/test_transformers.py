@@ -12,6 +12,7 @@ import transformers
 import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from transformers.modelcard import TrainingSummary
 
 from bnguard import AutoRecalibrate, BNStatsLogger, Hook, PreciseBN, TrainingBatches, Verdict, recalibrate
 from bnguard.integrations.transformers import STATE_FILE, BNGuardCallback
@@ -91,7 +92,7 @@ def test_the_model_card_reads_the_log_history_and_gives_the_recalibrated_results
     card = (tmp_path / "README.md").read_text()
     evaluations = [h for h in fit.state.log_history if "eval_loss" in h]
     final = evaluations[-1]
-    summary = transformers.modelcard.TrainingSummary.from_trainer(fit)
+    summary = TrainingSummary.from_trainer(fit)
     assert summary.eval_results == {"Loss": final["eval_loss"], "Accuracy": final["eval_accuracy"]}
     rows = [line for line in card.splitlines() if line.startswith("| ") and "Validation Loss" not in line]
     assert len(rows) == len(evaluations) > 2  # the Trainer's evaluations and the recalibrated copies

@@ -77,7 +77,8 @@ def _common(parser: argparse.ArgumentParser, data_required: bool) -> None:
     parser.add_argument("--tolerance", type=_tolerance, default=0.1, metavar="T",
                         help="stop once every layer's 95%% error bound is within this (default 0.1), or off")
     parser.add_argument("--samples", type=_positive, metavar="N", help="at most this many training samples")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU, unless "
+                                         "ACCELERATE_USE_CPU is set)")
 
 
 def _version() -> str:

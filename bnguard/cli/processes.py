@@ -47,7 +47,7 @@ def processes(requested_device: str | None) -> Iterator[Processes]:
 
 def _device(requested: str | None, local_rank: int | None) -> torch.device:
     try:
-        device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(requested or default_device())
     except RuntimeError as error:
         raise InputError(f"--device {requested!r} is not a device ({error}): give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -55,3 +55,11 @@ def _device(requested: str | None, local_rank: int | None) -> torch.device:
     if device.type == "cuda" and device.index is None and local_rank is not None:
         device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
     return device
+
+
+def default_device() -> str:
+    """cuda when there is a GPU, unless Accelerate's ACCELERATE_USE_CPU asks for the CPU (as ``accelerate
+    launch --cpu`` and a test suite that means CPU do)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "t", "true", "y", "yes", "on"):
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
