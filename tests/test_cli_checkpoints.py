@@ -7,11 +7,12 @@ import torch
 
 from bnguard.checkpoint import verify_checkpoint
 from cli_setup import TOY_DATA, assert_repaired, run_bnguard, dict_loaders, loaders, report_of, trained
-from helpers import tiny_resnet, toy_loop
+from helpers import ON_EACH_DEVICE, tiny_resnet, toy_loop
 
 
+@ON_EACH_DEVICE
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_a_state_dict_file_is_repaired_in_its_own_format(tmp_path, suffix):
+def test_a_state_dict_file_is_repaired_in_its_own_format(tmp_path, suffix, device):
     torch.manual_seed(0)
     model = trained(tiny_resnet())
     source, out = tmp_path / f"model{suffix}", tmp_path / f"repaired{suffix}"
@@ -21,7 +22,7 @@ def test_a_state_dict_file_is_repaired_in_its_own_format(tmp_path, suffix):
         from safetensors.torch import save_file
         save_file(model.state_dict(), str(source), metadata={"format": "pt"})
     done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, "--out", out,
-                       "--force")
+                       "--force", "--device", device)
     assert done.returncode == 0, done.stderr
     if suffix == ".pt":
         state = torch.load(out, weights_only=True)
@@ -33,7 +34,7 @@ def test_a_state_dict_file_is_repaired_in_its_own_format(tmp_path, suffix):
             assert opened.metadata() == {"format": "pt"}
     loaded = tiny_resnet()
     loaded.load_state_dict(state)
-    assert_repaired(loaded, model, loaders()[0])
+    assert_repaired(loaded, model, loaders()[0], device)
     report = report_of(out)
     assert report["written"] and report["kind"] == "state dict" and report["recalibration"]["samples"] == 48
     assert report["before"]["samples"] == report["after"]["samples"] == 24
@@ -45,7 +46,7 @@ def test_a_loop_checkpoint_is_repaired_verified_and_resumed_by_the_loop(tmp_path
     original = tiny_resnet()
     original.load_state_dict(load_safetensors(source / "model.safetensors"))
     done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, "--out", out,
-                       "--force")
+                       "--force", "--device", device)
     assert done.returncode == 0, done.stderr
     verify_checkpoint(out)  # the manifest was rewritten for the new model file
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 
 import bnguard
 from bnguard.overview import Overview
-from helpers import assert_same_tensors, buffers_of, launch_two_processes, parameters_of, tiny_resnet, toy_data
+from helpers import (ON_EACH_DEVICE, assert_same_tensors, buffers_of, launch_two_processes, parameters_of, tiny_resnet,
+                     toy_data)
 
 
 def stale_model(dropout=0.3):
@@ -23,13 +24,14 @@ def stale_model(dropout=0.3):
     return model
 
 
-def evaluator(model, loader):
+def evaluator(model, loader, device="cpu"):
     """A typical evaluate function: a new loader iterator (which draws from the global random stream)."""
     def evaluate():
         model.eval()
         hits, losses, seen = 0, 0.0, 0
         with torch.no_grad():
             for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
                 outputs = model(images)
                 hits += (outputs.argmax(1) == labels).sum().item()
                 losses += F.cross_entropy(outputs, labels, reduction="sum").item()
@@ -39,13 +41,13 @@ def evaluator(model, loader):
     return evaluate
 
 
-def plain_loop(epochs, guarded, hooks=None, checkpoint=None, resume=None, stop_after=None):
-    """A plain PyTorch loop, with the Guard's three calls when ``guarded``. Returns the model, what the loop
-    saw and, with a guard, the guard."""
-    model = stale_model()
+def plain_loop(epochs, guarded, hooks=None, checkpoint=None, resume=None, stop_after=None, device="cpu"):
+    """A plain PyTorch loop on ``device``, with the Guard's three calls when ``guarded``. Returns the model, what
+    the loop saw and, with a guard, the guard."""
+    model = stale_model().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train_loader = DataLoader(toy_data(48), batch_size=8, shuffle=True)
-    evaluate = evaluator(model, DataLoader(toy_data(32, seed=1), batch_size=8, shuffle=True))
+    evaluate = evaluator(model, DataLoader(toy_data(32, seed=1), batch_size=8, shuffle=True), device)
     guard = bnguard.Guard(model, hooks, evaluate=evaluate, train_loader=train_loader) if guarded else None
     seen = {"hits": [], "metrics": []}
     first = 0
@@ -54,11 +56,14 @@ def plain_loop(epochs, guarded, hooks=None, checkpoint=None, resume=None, stop_a
         optimizer.load_state_dict(resume["optimizer"])
         guard.load_state_dict(resume["guard"])
         torch.set_rng_state(resume["rng"])
+        if device == "cuda":
+            torch.cuda.set_rng_state(resume["cuda_rng"])
         first = resume["epoch"] + 1
     for epoch in range(first, epochs):
         model.train()
         hits = seen_samples = 0
         for images, labels in train_loader:
+            images, labels = images.to(device), labels.to(device)
             outputs = model(images)
             loss = F.cross_entropy(outputs, labels)
             loss.backward()
@@ -76,6 +81,7 @@ def plain_loop(epochs, guarded, hooks=None, checkpoint=None, resume=None, stop_a
         if checkpoint is not None:
             checkpoint.append({"model": copy.deepcopy(model.state_dict()), "epoch": epoch,
                                "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": torch.get_rng_state(),
+                               "cuda_rng": torch.cuda.get_rng_state() if device == "cuda" else None,
                                "guard": copy.deepcopy(guard.state_dict())})
         if stop_after is not None and epoch == stop_after:
             return model, seen, guard
@@ -84,9 +90,10 @@ def plain_loop(epochs, guarded, hooks=None, checkpoint=None, resume=None, stop_a
     return model, seen, guard
 
 
-def test_plain_loop_trains_bit_identically_with_the_guard_recalibrating_every_epoch():
-    bare, bare_seen, _ = plain_loop(4, guarded=False)
-    model, seen, guard = plain_loop(4, guarded=True)
+@ON_EACH_DEVICE
+def test_plain_loop_trains_bit_identically_with_the_guard_recalibrating_every_epoch(device):
+    bare, bare_seen, _ = plain_loop(4, guarded=False, device=device)
+    model, seen, guard = plain_loop(4, guarded=True, device=device)
     assert_same_tensors(parameters_of(bare), parameters_of(model))  # dropout, shuffles: the same stream
     decisions = guard.runner.hooks[1].history
     assert sum(d["recalibrated"] for d in decisions) >= 3, decisions
@@ -110,11 +117,12 @@ def test_the_returned_metrics_are_a_fresh_evaluation_with_the_new_statistics():
     assert guard.records[-1]["eval_acc_before_recal"] == decision["eval_before"]
 
 
-def test_resume_from_the_users_checkpoint_equals_an_uninterrupted_run():
-    whole, whole_seen, whole_guard = plain_loop(4, guarded=True)
+@ON_EACH_DEVICE
+def test_resume_from_the_users_checkpoint_equals_an_uninterrupted_run(device):
+    whole, whole_seen, whole_guard = plain_loop(4, guarded=True, device=device)
     saved = []
-    plain_loop(4, guarded=True, checkpoint=saved, stop_after=1)
-    resumed, resumed_seen, resumed_guard = plain_loop(4, guarded=True, resume=saved[1])
+    plain_loop(4, guarded=True, checkpoint=saved, stop_after=1, device=device)
+    resumed, resumed_seen, resumed_guard = plain_loop(4, guarded=True, resume=saved[1], device=device)
     assert_same_tensors(parameters_of(whole), parameters_of(resumed))
     assert_same_tensors(buffers_of(whole), buffers_of(resumed))
     timing = ("recal_seconds", "seconds")
@@ -542,3 +550,24 @@ def test_the_default_logger_charts_the_metric_the_guard_is_given(recwarn):
     [row] = logger.overview.epochs
     assert row["eval"] == metrics["top1"] and row["train"] == guard.records[0]["train_top1"]
     assert not recwarn.list  # no "the at-a-glance accuracy chart stays empty"
+
+
+@pytest.mark.gpu
+def test_the_guards_step_never_waits_for_the_gpu():
+    model = stale_model().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = DataLoader(toy_data(48), batch_size=8, shuffle=True)
+    batches = [(images.cuda(), labels.cuda()) for images, labels in loader]
+    guard = bnguard.Guard(model, [bnguard.BNStatsLogger(every_n_steps=100), bnguard.AutoRecalibrate()],
+                          evaluate=evaluator(model, DataLoader(toy_data(16, seed=1), batch_size=8), "cuda"),
+                          train_loader=loader)
+    guarded_epoch(model, optimizer, batches[:1], guard)  # the first step describes the layers, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronization from here raises
+    try:
+        guarded_epoch(model, optimizer, batches[1:], guard)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert guard.state.step == len(batches)
+    guard.evaluate()
+    assert guard.records[0]["step"] == len(batches)

@@ -1,12 +1,15 @@
 import json
+import random
 import sys
 
+import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 
 import bnguard
 from bnguard import Event, Hook
-from helpers import assert_same_tensors, parameters_of, reevaluating_hook, toy_loop
+from helpers import ON_EACH_DEVICE, assert_same_tensors, parameters_of, reevaluating_hook, toy_loop
 
 
 class Recorder(Hook):
@@ -100,8 +103,10 @@ def test_a_hook_can_stop_the_loop_and_max_steps_stops_it(tmp_path):
     assert toy_loop(tmp_path / "b", epochs=None, max_steps=8).fit()["step"] == 8
 
 
-def test_resume_equals_uninterrupted(tmp_path, capsys):
+@ON_EACH_DEVICE
+def test_resume_equals_uninterrupted(tmp_path, capsys, device):
     whole = toy_loop(tmp_path / "whole", epochs=3, dropout=0.3, checkpoint_every_epochs=1)
+    assert whole.accelerator.device.type == device
     whole.fit()
 
     class Interrupt(Hook):
@@ -206,7 +211,8 @@ def test_a_failing_hook_fires_the_exception_event_and_names_itself(tmp_path):
     assert Witness.error is caught.value and isinstance(caught.value.__cause__, ZeroDivisionError)
 
 
-def test_training_batches_for_hooks_leave_the_run_unchanged(tmp_path):
+@ON_EACH_DEVICE
+def test_training_batches_for_hooks_leave_the_run_unchanged(tmp_path, device):
     plain = toy_loop(tmp_path / "plain", epochs=2, dropout=0.3).fit()
 
     class DrawOnly(Hook):
@@ -253,12 +259,14 @@ def test_the_logger_changes_nothing_in_the_run(tmp_path):
     assert plain_records(tmp_path / "with") == plain_records(tmp_path / "without")
 
 
-def test_resume_is_bit_identical_with_every_hook_on(tmp_path):
+@ON_EACH_DEVICE
+def test_resume_is_bit_identical_with_every_hook_on(tmp_path, device):
     def loop(path, extra=()):
         return toy_loop(path, hooks=[bnguard.BNStatsLogger(every_n_steps=2), always_recalibrating(), *extra],
                         epochs=4, dropout=0.3, checkpoint_every_epochs=1, tracker="tensorboard")
 
     whole = loop(tmp_path / "whole")
+    assert whole.accelerator.device.type == device
     whole.fit()
     kept = [r["step"] for r in plain_records(tmp_path / "whole") if r["recalibrated"]]
     assert len(whole.runner.hooks[0].overview.epochs) == 4 and kept
@@ -283,9 +291,58 @@ def test_resume_is_bit_identical_with_every_hook_on(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_a_hooks_reevaluation_leaves_training_with_dropout_bit_identical(tmp_path):
+@ON_EACH_DEVICE
+def test_a_hooks_reevaluation_leaves_training_with_dropout_bit_identical(tmp_path, device):
     bare = toy_loop(tmp_path / "bare", epochs=3, dropout=0.5)
+    assert bare.accelerator.device.type == device
     bare.fit()
     guarded = toy_loop(tmp_path / "guarded", hooks=[reevaluating_hook()], epochs=3, dropout=0.5)
     guarded.fit()
     assert_same_tensors(parameters_of(bare.model), parameters_of(guarded.model))
+
+
+@ON_EACH_DEVICE
+def test_bf16_training_is_bit_identical_with_the_statistics_recalibrated_at_every_evaluation(tmp_path, device):
+    def fit(path, hooks):
+        loop = toy_loop(path, hooks=hooks, epochs=3, dropout=0.3, accelerator=Accelerator(mixed_precision="bf16"))
+        assert loop.accelerator.device.type == device
+        loop.fit()
+        return loop
+
+    bare = fit(tmp_path / "bare", [])
+    guarded = fit(tmp_path / "guarded", [bnguard.BNStatsLogger(every_n_steps=2), bnguard.PreciseBN()])
+    assert_same_tensors(parameters_of(bare.model), parameters_of(guarded.model))
+    assert [r["recal_samples"] for r in plain_records(tmp_path / "guarded")] == [24] * 3
+
+
+def random_states(device):
+    """Every random state a hook could disturb: torch's (and CUDA's, on CUDA), Python's and NumPy's."""
+    cuda = torch.cuda.get_rng_state() if device == "cuda" else torch.zeros(0, dtype=torch.uint8)
+    generator, keys, position, *gaussian = np.random.get_state()
+    return torch.get_rng_state(), cuda, random.getstate(), (generator, keys.tolist(), position, *gaussian)
+
+
+class RandomStateProbe(Hook):
+    """Records the random states at every event the loop fires; fired between two hooks, it shows what the
+    first one left. (A hook's own RECALIBRATED reaches the probes in the middle of that hook's work.)"""
+
+    def __init__(self, device):
+        self.seen = []
+        for event in Event:
+            if event is not Event.RECALIBRATED:
+                setattr(self, event.value, lambda state, event=event: self.seen.append((event, random_states(device))))
+
+
+@ON_EACH_DEVICE
+@pytest.mark.parametrize("recalibrating", [always_recalibrating, bnguard.PreciseBN])
+def test_no_hook_moves_a_random_state(tmp_path, device, recalibrating):
+    hooks = [bnguard.BNStatsLogger(every_n_steps=1), recalibrating()]
+    probes = [RandomStateProbe(device) for _ in range(len(hooks) + 1)]
+    loop = toy_loop(tmp_path, hooks=[probes[0], hooks[0], probes[1], hooks[1], probes[2]], epochs=2, dropout=0.3)
+    loop.fit()
+    assert len(probes[0].seen) > 20 and plain_records(tmp_path)[0]["recal_samples"] == 24
+    for before, after in zip(probes, probes[1:]):
+        assert [event for event, _ in before.seen] == [event for event, _ in after.seen]
+        for (event, old), (_, new) in zip(before.seen, after.seen):
+            assert torch.equal(old[0], new[0]) and torch.equal(old[1], new[1]), event
+            assert old[2:] == new[2:], event

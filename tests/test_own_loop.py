@@ -7,7 +7,7 @@ import torch
 
 import bnguard
 from bnguard import Event, Hook
-from helpers import launch_two_processes, tiny_resnet, toy_data
+from helpers import ON_EACH_DEVICE, launch_two_processes, tiny_resnet, toy_data
 from wandb_log import history, offline_run_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -110,7 +110,8 @@ def test_state_checkpoints_where_the_run_is():
     assert (restored.epoch, restored.step) == (3, 120)
 
 
-def test_own_loop_example_resumes_from_its_checkpoint_as_if_never_interrupted(tmp_path, capsys):
+@ON_EACH_DEVICE
+def test_own_loop_example_resumes_from_its_checkpoint_as_if_never_interrupted(tmp_path, capsys, device):
     from own_loop import main
 
     whole = main(["--epochs", "3", "--limit-batches", "4", "--tracker", "none", "--output-dir", str(tmp_path / "a")])

@@ -1,4 +1,5 @@
 import copy
+import sys
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 import bnguard
 from helpers import (
+    ON_EACH_DEVICE,
     assert_matches_reference,
     assert_same_tensors,
     buffers_of,
@@ -59,17 +61,29 @@ def resnet18_with_dropout() -> nn.Module:
     return model
 
 
+@ON_EACH_DEVICE
 @pytest.mark.parametrize("center, keep_modes", [(0.0, False), (100.0, False), (0.0, True), (100.0, True)])
-def test_resnet18_matches_float64_reference(center, keep_modes):
+def test_resnet18_matches_float64_reference(center, keep_modes, device):
     # Dropout is off during the passes by default; with keep_modes it stays on and the reference replays its
     # random stream.
-    model = resnet18_with_dropout().train()
-    batches = [torch.randn(n, 3, 32, 32) + center for n in (8, 8, 5)]
+    model = resnet18_with_dropout().train().to(device)
+    batches = [torch.randn(n, 3, 32, 32, device=device) + center for n in (8, 8, 5)]
     reference = reference_statistics(model, batches, seed=7, keep_modes=keep_modes)
     torch.manual_seed(7)
     report = bnguard.recalibrate(model, batches, keep_modes=keep_modes, progress=False)
     assert len(report.recalibrated) == 20
     assert_matches_reference(model, reference)
+
+
+@ON_EACH_DEVICE
+def test_a_channels_last_model_matches_float64_reference(device):
+    model = torchvision.models.resnet18(num_classes=10).train().to(device, memory_format=torch.channels_last)
+    batches = [torch.randn(n, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last) + 3
+               for n in (8, 8, 5)]
+    reference = reference_statistics(model, batches)
+    bnguard.recalibrate(model, batches, progress=False)
+    assert_matches_reference(model, reference)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_dropout_is_off_during_the_passes_unless_asked():
@@ -359,13 +373,26 @@ def test_batch_shapes_and_custom_forward():
         torch.testing.assert_close(other, results[0], rtol=1e-6, atol=0)
 
 
-def test_compiled_and_wrapped_models_are_recalibrated_in_place():
+@ON_EACH_DEVICE
+def test_a_compiled_model_is_recalibrated_in_place(device):
+    model = tiny_resnet().to(device)
+    expected = copy.deepcopy(model)
+    batches = [torch.randn(4, 1, 8, 8, device=device) + 2 for _ in range(3)]
+    reference = reference_statistics(model, batches)
+    bnguard.recalibrate(expected, batches, progress=False)
+    bnguard.recalibrate(torch.compile(model), batches, progress=False)
+    assert_same_tensors(buffers_of(expected), buffers_of(model))
+    assert_matches_reference(model, reference)
+
+
+def test_a_data_parallel_model_is_recalibrated_in_place(monkeypatch):
+    # DataParallel as a machine without a GPU builds it, a plain wrapper: where there is one it would move
+    # the model to cuda:0 (the GPU lane's test of the compiled model covers CUDA).
+    monkeypatch.setattr(sys.modules["torch.nn.parallel.data_parallel"], "_get_available_device_type", lambda: None)
     model = tiny_resnet()
     expected = copy.deepcopy(model)
     batches = [torch.randn(4, 1, 8, 8)]
     bnguard.recalibrate(expected, batches, progress=False)
-    bnguard.recalibrate(torch.compile(model), batches, progress=False)
-    assert_same_tensors(buffers_of(expected), buffers_of(model))
     bnguard.recalibrate(nn.DataParallel(model), batches, progress=False)
     assert_same_tensors(buffers_of(expected), buffers_of(model))
 
@@ -383,12 +410,13 @@ def test_report_table_and_dict():
     assert first.var_log_ratio_max >= first.var_log_ratio_mean >= 0
 
 
-def test_statistics_under_bf16_autocast_are_kept_in_float32_or_better():
-    model = tiny_resnet().train()
-    batches = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+@ON_EACH_DEVICE
+def test_statistics_under_bf16_autocast_are_kept_in_float32_or_better(device):
+    model = tiny_resnet().train().to(device)
+    batches = [torch.randn(8, 1, 8, 8, device=device) for _ in range(3)]
 
     def autocast_forward(m, batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             return m(batch)
 
     captured = {}
