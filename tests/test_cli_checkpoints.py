@@ -46,7 +46,7 @@ def test_a_loop_checkpoint_is_repaired_verified_and_resumed_by_the_loop(tmp_path
     original = tiny_resnet()
     original.load_state_dict(load_safetensors(source / "model.safetensors"))
     done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, "--out", out,
-                       "--force", "--device", device)
+                       "--force")
     assert done.returncode == 0, done.stderr
     verify_checkpoint(out)  # the manifest was rewritten for the new model file
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())
