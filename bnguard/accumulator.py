@@ -51,48 +51,55 @@ class LayerRows:
     """
 
     def __init__(self, layer: _BatchNorm, means: torch.Tensor, variances: torch.Tensor, flush: Callable[[], None]):
-        buffer = layer.running_mean
         self.means, self.variances = means, variances  # chunk x channels, possibly columns of shared tensors
+        self.height = len(means)  # rows in a chunk
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # row views, made once each, on first use
         self.counts: list[int] = []  # elements per channel of each row written since the last flush
-        self.calls = torch.zeros((), dtype=torch.long, device=buffer.device)
+        self.calls: torch.Tensor | None = None  # the batch counter a layer with a forward of its own increments
         self.samples = self.batches = self.one_value = 0
         self._flush = flush
         self._statistics = (layer.running_mean, layer.running_var)  # the layer's own, read in eval mode only
         self.channels = layer_channels(layer)
 
-    def _next_row(self, layer: _BatchNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _next_row(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The row this call writes; None for a call of one value per channel, which train mode would refuse:
-        it normalizes as in eval mode, with the layer's own statistics, and is left out."""
-        if x.numel() == self.channels:
+        it normalizes as in eval mode, with the layer's own statistics, and is left out. (Runs at every layer
+        call: plain Python on ints, no tensor operation.)"""
+        elements = x.numel()
+        if elements == self.channels:
             self.one_value += 1
             return None
-        if len(self.counts) == len(self.means):  # every row written by now: pool all layers' rows
+        if len(self.counts) == self.height:  # every row written by now: pool all layers' rows
             self._flush()
-        self.counts.append(x.numel() // self.channels)
+        counts, rows = self.counts, self.rows
+        counts.append(elements // self.channels)
         self.samples += x.shape[0]
         self.batches += 1
-        row = len(self.counts) - 1
-        if row == len(self.rows):
-            self.rows.append((self.means[row], self.variances[row]))
-        return self.rows[row]
+        row = len(counts) - 1
+        if row == len(rows):
+            rows.append((self.means[row], self.variances[row]))
+        return rows[row]
 
     def forward_of(self, layer: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A stock BatchNorm forward that writes this call's statistics into its row."""
+        """A stock BatchNorm forward that writes this call's statistics into its row (torch.batch_norm itself:
+        the one-value check that F.batch_norm adds is :meth:`_next_row`'s)."""
         def forward(input: torch.Tensor) -> torch.Tensor:
             layer._check_input_dim(input)
-            row = self._next_row(layer, input)
+            row = self._next_row(input)
             mean, var = self._statistics if row is None else row
-            return F.batch_norm(input, mean, var, layer.weight, layer.bias, row is not None, 1.0, layer.eps)
+            return torch.batch_norm(input, layer.weight, layer.bias, mean, var, row is not None, 1.0, layer.eps,
+                                    torch.backends.cudnn.enabled)
         return forward
 
     def before_call(self, layer: _BatchNorm, args: tuple, kwargs: dict) -> None:
         """For a layer with a forward of its own, run at momentum 1: points its buffers at the row."""
-        row = self._next_row(layer, args[0] if args else kwargs["input"])  # bn(x) or bn(input=x)
+        row = self._next_row(args[0] if args else kwargs["input"])  # bn(x) or bn(input=x)
         layer.training = row is not None  # back to train mode at the next call after a one-value one
         # Direct dict access: this runs before every layer call, and the names are plain buffers.
         layer._buffers["running_mean"], layer._buffers["running_var"] = self._statistics if row is None else row
         if row is not None:
+            if self.calls is None:
+                self.calls = torch.zeros((), dtype=torch.long, device=layer.running_mean.device)
             layer._buffers["num_batches_tracked"] = self.calls
         return None
 
@@ -109,7 +116,9 @@ class Accumulators:
         buffer = layers[0].running_mean
         self.device = buffer.device
         widths = torch.tensor([layer_channels(layer) for layer in layers])
-        self.index = torch.repeat_interleave(torch.arange(len(layers)), widths).to(self.device)  # channel's layer
+        self.host_index = torch.repeat_interleave(torch.arange(len(layers)), widths)  # each channel's layer
+        self.index = self.host_index.to(self.device)
+        self.widths = widths.tolist()  # channels of each layer
         self.bounds = torch.cat([torch.zeros(1, dtype=torch.long), widths.cumsum(0)]).tolist()
         channels = self.bounds[-1]
         self.eps = torch.tensor([layer.eps for layer in layers], dtype=torch.float64, device=self.device)[self.index]

@@ -114,11 +114,12 @@ def raise_if_interrupted() -> None:
 
 
 @contextmanager
-def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm], *,
-                            others_eval: bool = False) -> Iterator[None]:
+def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm], *, others_eval: bool = False,
+                            never_written: Iterable[_BatchNorm] = ()) -> Iterator[None]:
     """Puts ``layers`` in train mode (every other module in eval mode with ``others_eval``, else in the mode
     it has) with the running buffers of every BatchNorm layer of ``model`` swapped for scratch copies, so
-    forward passes inside write no statistic.
+    forward passes inside write no statistic; the layers in ``never_written`` (whose forward the caller
+    replaced with one that writes elsewhere) keep their own, copying nothing.
 
     On exit, whatever happens: the original buffer tensors are back in place, untouched, and every module's
     mode and the global random states are as before (dropout inside draws from the same stream as it would
@@ -127,10 +128,12 @@ def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm], *,
     modes = [(module, module.training) for module in model.modules()]
     saved = {layer: dict(layer._buffers) for _, layer in batchnorm_layers(model)
              if tracks_statistics(layer) and not is_uninitialized(layer)}
+    kept = {id(layer) for layer in never_written}
     with interrupts_deferred(), preserved_rng():
         try:
             for layer, buffers in saved.items():
-                layer._buffers.update({k: v.clone() if v is not None else None for k, v in buffers.items()})
+                if id(layer) not in kept:
+                    layer._buffers.update({k: v.clone() if v is not None else None for k, v in buffers.items()})
             if others_eval:
                 for module, _ in modes:
                     _set_training(module, False)

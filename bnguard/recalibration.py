@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import types
 import warnings
@@ -15,14 +14,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from tqdm.auto import tqdm
 
-from .accumulator import Accumulators, Merged, merge_processes
+from .accumulator import Accumulators, merge_processes
 from .batches import batch_size, default_forward, to_device
 from .console import show_progress
 from .distributed import process_info, split_budget
 from .isolation import batchnorm_in_train_mode, interrupts_deferred, raise_if_interrupted
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
 from .report import LayerReport, RecalibrationReport
-from .stats import Moments
+from .storing import write_statistics
 from .stopping import END_OF_DATA, TOLERANCE_MET, ErrorBounds
 from .recalibration_warnings import warn_instance_norm, warn_left_out, warn_ordered
 from .validation import fraction, positive_int
@@ -144,7 +143,7 @@ def recalibrate(
     if all_batches == 0:
         raise ValueError("batches is empty: recalibration needs at least one batch of training data")
     layer_bounds = bounds.of(merged.spread, merged=True)
-    report = _write_statistics(layers, reasons, merged, accumulators, dict(zip(chosen, layer_bounds)))
+    report = write_statistics(layers, reasons, merged, accumulators, dict(zip(chosen, layer_bounds)))
     warn_left_out(report)
     warn_ordered([chosen[i] for i in bounds.ordered()], inner)
     stopped = TOLERANCE_MET if met_tolerance else (
@@ -191,12 +190,15 @@ def _passes(model: nn.Module, accumulators: Accumulators, keep_modes: bool) -> I
     mode unless ``keep_modes``; every change, and every buffer, restored whatever happens."""
     momenta = {layer: layer.momentum for layer in accumulators.layers}
     own_forward = {layer: layer.__dict__.get("forward") for layer in accumulators.layers}
+    stock = [layer for layer in accumulators.layers
+             if own_forward[layer] is None and type(layer).forward in _STOCK_FORWARDS]
     handles = []
     # Deferred before the try: a layer left with its accumulator's forward or pre-hook would corrupt training.
-    with batchnorm_in_train_mode(model, accumulators.layers, others_eval=not keep_modes), interrupts_deferred():
+    with batchnorm_in_train_mode(model, accumulators.layers, others_eval=not keep_modes, never_written=stock), \
+            interrupts_deferred():
         try:
             for layer, rows in accumulators.of.items():
-                if own_forward[layer] is None and type(layer).forward in _STOCK_FORWARDS:
+                if layer in stock:
                     # SyncBatchNorm too: per-process statistics, merged exactly afterwards, no gloo refusal.
                     layer.forward = rows.forward_of(layer)
                     continue
@@ -257,61 +259,6 @@ def _run_passes(
                 return seen_batches, seen_samples, True
             if everyone_done:
                 return seen_batches, seen_samples, False
-
-
-def _write_statistics(
-    layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], merged: Merged, accumulators: Accumulators,
-    bounds: dict[_BatchNorm, float | None],
-) -> list[LayerReport]:
-    """Stores the new statistics of every layer, all or none, and reports each layer."""
-    reports: list[LayerReport] = []
-    movements = iter(_movements(merged.moments, accumulators))
-    updates = []
-    for name, layer in layers:
-        if name in reasons:
-            reports.append(LayerReport(name=name, skipped=reasons[name]))
-            continue
-        seen, movement = merged.totals[layer], next(movements)
-        counts = {"name": name, "samples": seen.samples, "batches": seen.calls, "nonfinite_batches": seen.nonfinite,
-                  "one_value_batches": seen.one_value, "error_bound": _finite_or_none(bounds[layer])}
-        pooled_calls = seen.calls - seen.nonfinite
-        if seen.calls == 0 or pooled_calls == 0:
-            reason = "no batch with finite statistics" if seen.calls else (
-                "only batches of one value per channel" if seen.one_value else "saw no input")
-            reports.append(LayerReport(**counts, skipped=reason))
-            continue
-        updates.append((layer, seen.moments.mean, seen.moments.variance(unbiased=True), pooled_calls))
-        reports.append(LayerReport(**counts, **dict(zip(LayerReport.MOVEMENT, movement))))
-    with interrupts_deferred():  # a Ctrl-C here still lets every layer be written
-        for update in updates:
-            _store(*update)
-    return reports
-
-
-def _movements(moments: Moments, accumulators: Accumulators) -> list[list[float]]:
-    """Per recalibrated layer, how far the new statistics are from the old: the largest and the mean over
-    channels of |mean shift| / new std and of |log variance ratio|. All layers at once, one synchronization."""
-    layers, index, eps = accumulators.layers, accumulators.index, accumulators.eps
-    old_mean = torch.cat([layer.running_mean.to(accumulators.device, torch.float64) for layer in layers])
-    old_var = torch.cat([layer.running_var.to(accumulators.device, torch.float64) for layer in layers])
-    new_var = moments.variance(unbiased=True)
-    shift = (moments.mean - old_mean).abs() / (new_var + eps).sqrt()
-    log_ratio = ((new_var + eps) / (old_var + eps)).log().abs()
-    both = torch.stack([shift, log_ratio], dim=1)
-    largest = both.new_zeros(len(layers), 2).scatter_reduce_(0, index[:, None].expand(-1, 2), both, "amax",
-                                                             include_self=False)
-    mean = both.new_zeros(len(layers), 2).index_add_(0, index, both) / torch.bincount(index)[:, None]
-    return torch.stack([largest[:, 0], mean[:, 0], largest[:, 1], mean[:, 1]], dim=1).tolist()
-
-
-def _finite_or_none(bound: float | None) -> float | None:
-    return bound if bound is not None and math.isfinite(bound) else None
-
-
-def _store(layer: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, calls: int) -> None:
-    layer.running_mean.copy_(mean)  # float64 to the buffer's dtype, rounding as .to() would
-    layer.running_var.copy_(var)
-    layer.num_batches_tracked.fill_(calls)
 
 
 def _forward_naming_keys(model: nn.Module, batch: Any) -> Any:

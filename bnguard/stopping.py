@@ -40,7 +40,7 @@ class ErrorBounds:
         self.eps = accumulators.eps
         self.index = accumulators.index
         self.starts = torch.tensor(accumulators.bounds[:-1], device=accumulators.device)
-        self.estimate_index = self.index.cpu().repeat(2)  # a mean and a variance per channel
+        self.estimate_index = accumulators.host_index.repeat(2)  # a mean and a variance per channel
         self.next_check = FIRST_CHECK
         self.order: list[tuple[float, int]] = []
 

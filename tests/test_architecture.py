@@ -33,7 +33,7 @@ def imports_with_blocked(modules, blocked):
     (["policy", "validation", "records", "confidence"], ["torch", "numpy", "accelerate", "wandb"]),
     (["stats", "spread"], ["accelerate", "wandb", "numpy", "tqdm"]),
     (["recalibration", "accumulator", "report", "layers", "distributed", "batches", "isolation",
-      "stopping", "recalibration_warnings"],
+      "stopping", "recalibration_warnings", "storing"],
      ["accelerate", "wandb", "tensorboard"]),
     (["cli"], ["accelerate", "wandb", "tensorboard", "lightning", "transformers"]),  # each framework when asked
     (sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")), ["layer.cli"]),

@@ -512,7 +512,7 @@ def test_ctrl_c_while_writing_the_statistics_writes_all_layers_or_none(monkeypat
     batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
     expected = copy.deepcopy(model)
     bnguard.recalibrate(expected, batches, progress=False)
-    _interrupt_on_call(monkeypatch, bnguard.recalibration, "_store", nth=2)
+    _interrupt_on_call(monkeypatch, bnguard.storing, "_copy_all", nth=1)  # means written, not variances
     with pytest.raises(KeyboardInterrupt):
         bnguard.recalibrate(model, batches, progress=False)
     assert_same_tensors(buffers_of(expected), buffers_of(model))  # all six layers new
