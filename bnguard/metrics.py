@@ -18,6 +18,9 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (outputs.argmax(dim=-1) == targets).double()
 
 
+_NONE_YET = torch.iinfo(torch.long).max  # no non-finite loss seen: above every step
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; training stops before anything is logged or saved from it."""
 
@@ -33,29 +36,29 @@ class MetricSums:
         self.score = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
         self.has_loss = self.has_score = False
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self._first_bad = torch.full((), _NONE_YET, dtype=torch.long, device=device)
 
     def add(self, mean_loss: torch.Tensor | float | None, scores: torch.Tensor | None, step: int | None = None,
             count: int | None = None) -> None:
         """One batch: its mean loss and per-sample scores, either one left out (None); ``count`` samples
-        when there are no scores to count."""
+        when there are no scores to count. (Runs at every training step: a handful of tensor operations.)"""
         count = scores.numel() if scores is not None else count if count is not None else 1
         if mean_loss is not None:
-            mean_loss = torch.as_tensor(mean_loss).detach()
-            self.loss += mean_loss * count
+            mean_loss = torch.as_tensor(mean_loss, device=self.loss.device).detach()
+            self.loss.add_(mean_loss, alpha=count)  # in float64
             self.has_loss = True
-            if step is not None:
-                bad = (self._first_bad < 0) & ~torch.isfinite(mean_loss).to(self._first_bad.device)
-                self._first_bad = torch.where(bad, step, self._first_bad)
+            if step is not None:  # the earliest step whose loss is not finite
+                torch.minimum(self._first_bad, torch.where(torch.isfinite(mean_loss), _NONE_YET, step),
+                              out=self._first_bad)
         if scores is not None:
-            self.score += scores.detach().sum()
+            self.score.add_(scores.detach().sum())
             self.has_score = True
         self.count += count
 
     def first_nonfinite_step(self) -> int | None:
         """The first step added with a NaN/Inf loss on this process, if any (synchronizes: for errors only)."""
         step = int(self._first_bad.item())
-        return step if step >= 0 else None
+        return step if step != _NONE_YET else None
 
     def compute(self, prefix: str, metric_name: str, world_size: int = 1) -> dict[str, float]:
         """``{prefix_loss, prefix_<metric_name>}`` over all samples (those that were added), summed over
