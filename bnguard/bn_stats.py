@@ -40,51 +40,91 @@ def bn_statistics(model: nn.Module, bins: int = 64, include_affine: bool = False
 
     Returns ``{"bn/<layer>/<tensor>": (counts, edges)}`` (NumPy arrays; non-finite channels left out) and the
     scalars ``bn/<layer>/running_mean_mean``, ``running_mean_std``, ``log_running_var_mean`` and ``nonfinite``
-    (channels whose running mean or variance is NaN/Inf). Histograms are computed where the tensors live with
-    ``torch.histc``; only ranges, counts and scalars leave the device, in three transfers in all.
+    (channels whose running mean or variance is NaN/Inf). Computed where the tensors live, every layer's
+    channels side by side (a few dozen tensor operations whatever the number of layers, the bins as
+    ``torch.histc`` draws them); only ranges, counts and scalars leave the device, in two transfers in all.
     """
     check_bins(bins)
     layers = [(n, m) for n, m in batchnorm_layers(model) if tracks_statistics(m) and not is_uninitialized(m)]
-    entries, summaries = [], []
-    for name, layer in layers:
-        mean, var = layer.running_mean.detach().double(), layer.running_var.detach().double()
-        finite = torch.isfinite(mean) & torch.isfinite(var)
-        summaries.append(_summary(mean, var, finite))
-        for key, tensor in _tensors(layer, include_affine).items():
-            values = tensor.detach().double()
-            entries.append((f"bn/{name}/{key}", values, finite if key.startswith("running") else torch.isfinite(values)))
-    if not entries:
+    if not layers:
         return {}
-    totals = torch.stack([_totals(values, mask) for _, values, mask in entries]).tolist()
+    device = layers[0][1].running_mean.device
+    widths = [layer.running_mean.numel() for _, layer in layers]
+    means = _side_by_side([layer.running_mean for _, layer in layers], device)
+    variances = _side_by_side([layer.running_var for _, layer in layers], device)
+    finite = torch.isfinite(means) & torch.isfinite(variances)
+    keys, parts, masks = [], [], []
+    for (name, layer), mean, var, kept in zip(layers, means.split(widths), variances.split(widths), finite.split(widths)):
+        for key, values in (("running_mean", mean), ("running_var", var)):
+            keys.append(f"bn/{name}/{key}")
+            parts.append(values)
+            masks.append(kept)
+        if include_affine and layer.affine:
+            for key in ("weight", "bias"):
+                values = getattr(layer, key).detach().to(device, torch.float64)
+                keys.append(f"bn/{name}/{key}")
+                parts.append(values)
+                masks.append(torch.isfinite(values))
+    values, mask = torch.cat(parts), torch.cat(masks)
+    entry = torch.repeat_interleave(torch.arange(len(parts), device=device),
+                                    torch.tensor([len(p) for p in parts], device=device))
+    layer = torch.repeat_interleave(torch.arange(len(layers), device=device), torch.tensor(widths, device=device))
+    figures = torch.cat([_totals(values, mask, entry, len(parts)).flatten(),
+                         _summaries(means, variances, finite, layer, len(layers)).flatten()]).tolist()
+    totals = [figures[5 * i: 5 * i + 5] for i in range(len(parts))]
     ranges = [_widened(low, high) for low, high, *_ in totals]
-    # histc leaves NaN out, so masking needs no data-dependent shape (and no synchronization).
-    counts = torch.stack(
-        [torch.histc(torch.where(m, v, torch.nan), bins=bins, min=low, max=high)
-         for (_, v, m), (low, high) in zip(entries, ranges)]
-    ).cpu()
+    counts = _bin_counts(values, mask, entry, ranges, bins).cpu()
     out: dict[str, Any] = {}
-    for (key, _, _), (low, high), row, (*_, num, total, squares) in zip(entries, ranges, counts, totals):
-        out[key] = Histogram(row.round().long().numpy(), np.linspace(low, high, bins + 1), int(num), total, squares)
-    for (name, _), row in zip(layers, torch.stack(summaries).cpu().tolist()):
-        out[f"bn/{name}/running_mean_mean"], out[f"bn/{name}/running_mean_std"] = row[0], row[1]
-        out[f"bn/{name}/log_running_var_mean"], out[f"bn/{name}/nonfinite"] = row[2], int(row[3])
+    for key, (low, high), row, (*_, num, total, squares) in zip(keys, ranges, counts, totals):
+        out[key] = Histogram(row.numpy(), np.linspace(low, high, bins + 1), int(num), total, squares)
+    summaries = figures[5 * len(parts):]
+    for i, (name, _) in enumerate(layers):
+        centre, spread, log_var, nonfinite = summaries[4 * i: 4 * i + 4]
+        out[f"bn/{name}/running_mean_mean"], out[f"bn/{name}/running_mean_std"] = centre, spread
+        out[f"bn/{name}/log_running_var_mean"], out[f"bn/{name}/nonfinite"] = log_var, int(nonfinite)
     return out
 
 
-def _summary(mean: torch.Tensor, var: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """Channel mean and std of the running mean, mean log running variance, count of non-finite channels."""
-    kept = finite.sum().clamp(min=1)
-    centre = torch.where(finite, mean, 0.0).sum() / kept
-    spread = (torch.where(finite, mean - centre, 0.0).square().sum() / (kept - 1).clamp(min=1)).sqrt()
-    log_var = torch.where(finite, var.clamp(min=torch.finfo(torch.float64).tiny).log(), 0.0).sum() / kept
-    return torch.stack([centre, spread, log_var, (~finite).sum().double()])
+def _side_by_side(buffers: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The buffers concatenated in float64 on ``device``: one concatenation when they share dtype and device."""
+    if all(b.device == device and b.dtype == buffers[0].dtype for b in buffers):
+        return torch.cat(buffers).detach().double()
+    return torch.cat([b.detach().to(device, torch.float64) for b in buffers])
 
 
-def _totals(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """min, max, count, sum and sum of squares of the finite entries (min > max when there are none)."""
+def _totals(values: torch.Tensor, mask: torch.Tensor, entry: torch.Tensor, entries: int) -> torch.Tensor:
+    """Per entry: min, max, count, sum and sum of squares of its finite values (min > max when none)."""
     kept = torch.where(mask, values, 0.0)
-    return torch.stack([torch.where(mask, values, torch.inf).min(), torch.where(mask, values, -torch.inf).max(),
-                        mask.sum().double(), kept.sum(), kept.square().sum()])
+    low = values.new_full((entries,), torch.inf).scatter_reduce_(0, entry, torch.where(mask, values, torch.inf), "amin")
+    high = values.new_full((entries,), -torch.inf).scatter_reduce_(0, entry, torch.where(mask, values, -torch.inf),
+                                                                   "amax")
+    sums = values.new_zeros(3, entries).index_add_(1, entry, torch.stack([mask.double(), kept, kept.square()]))
+    return torch.stack([low, high, *sums], dim=1)
+
+
+def _summaries(means: torch.Tensor, variances: torch.Tensor, finite: torch.Tensor, layer: torch.Tensor,
+               layers: int) -> torch.Tensor:
+    """Per layer: channel mean and std of the running mean, mean log running variance, non-finite channels."""
+    def per_layer(x: torch.Tensor) -> torch.Tensor:
+        return means.new_zeros(layers).index_add_(0, layer, torch.where(finite, x, 0.0))
+
+    kept = per_layer(torch.ones_like(means)).clamp(min=1)
+    centre = per_layer(means) / kept
+    spread = (per_layer((means - centre[layer]).square()) / (kept - 1).clamp(min=1)).sqrt()
+    log_var = per_layer(variances.clamp(min=torch.finfo(torch.float64).tiny).log()) / kept
+    nonfinite = means.new_zeros(layers).index_add_(0, layer, (~finite).double())
+    return torch.stack([centre, spread, log_var, nonfinite], dim=1)
+
+
+def _bin_counts(values: torch.Tensor, mask: torch.Tensor, entry: torch.Tensor, ranges: list[tuple[float, float]],
+                bins: int) -> torch.Tensor:
+    """Every entry's histogram of its finite values over its range, binned as ``torch.histc`` bins (the top
+    edge in the last bin), counted in one scatter with no data-dependent shape (so no synchronization)."""
+    low, high = torch.tensor(ranges, dtype=torch.float64, device=values.device).unbind(1)
+    position = ((values - low[entry]) * bins / (high[entry] - low[entry])).floor().clamp(0, bins - 1)
+    slot = torch.where(mask, entry * bins + position.long(), len(ranges) * bins)  # the left-out, in a last slot
+    counts = torch.zeros(len(ranges) * bins + 1, dtype=torch.long, device=values.device)
+    return counts.scatter_add_(0, slot, torch.ones_like(slot))[:-1].reshape(len(ranges), bins)
 
 
 def _widened(low: float, high: float) -> tuple[float, float]:
