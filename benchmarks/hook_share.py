@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import SeedNet  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_overhead import described  # noqa: E402
+from loop_overhead import described, train_epoch  # noqa: E402
 from stopwatch import Stopwatch  # noqa: E402
 
 MODELS = {"seednet": lambda: SeedNet(10, width=16), "resnet18": lambda: torchvision.models.resnet18(num_classes=10)}
@@ -97,15 +96,7 @@ def epochs_of(model_name: str, train_set, eval_set, batch_size: int, epochs: int
         seen = []
         for epoch in range(epochs):
             start, evaluations, before = time.perf_counter(), [], inside.seconds if inside is not None else 0.0
-            model.train()
-            for inputs, targets in loader:
-                outputs = model(inputs)
-                loss = F.cross_entropy(outputs, targets)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-                if guard is not None:
-                    guard.step(outputs, targets, loss=loss)
+            train_epoch(accelerator, model, optimizer, loader, guard)
             if guard is None:
                 evaluate()
             else:

@@ -64,21 +64,26 @@ def hand_written(train_set, eval_set, epochs: int, guard_hooks=None) -> tuple[fl
     inside = Stopwatch(guard, ["step", "evaluated", "end"]) if guard is not None else None
     start = time.perf_counter()
     for _ in range(epochs):
-        model.train()
-        for inputs, targets in loader:
-            outputs = model(inputs)
-            loss = F.cross_entropy(outputs, targets)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            if guard is not None:
-                guard.step(outputs, targets, loss=loss)
+        train_epoch(accelerator, model, optimizer, loader, guard)
         metrics = evaluate()
         if guard is not None:
             metrics = guard.evaluated(metrics)
     if guard is not None:
         guard.end()
     return time.perf_counter() - start, inside.seconds if inside is not None else float("nan")
+
+
+def train_epoch(accelerator: Accelerator, model, optimizer, loader, guard: bnguard.Guard | None) -> None:
+    """One epoch of the hand-written loop: cross-entropy steps, each followed by the guard's step call."""
+    model.train()
+    for inputs, targets in loader:
+        outputs = model(inputs)
+        loss = F.cross_entropy(outputs, targets)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if guard is not None:
+            guard.step(outputs, targets, loss=loss)
 
 
 def with_loop(train_set, eval_set, epochs: int) -> tuple[float, float]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import statistics
 import sys
 import time
@@ -37,6 +36,9 @@ import bnguard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import SeedNet  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import peak_cpu, peak_cuda  # noqa: E402
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
@@ -122,35 +124,6 @@ def prepared(model_name: str, device: str) -> nn.Module:
         for _ in range(3):
             model.train()(torch.randn(2, 3, 32, 32, device=device))
     return model
-
-
-def peak_cuda(run: Callable[[], object]) -> int:
-    gc.collect()  # no tensor of an earlier run freed inside the window
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - start
-
-
-def peak_cpu(run: Callable[[], object]) -> int:
-    """The peak of CPU memory allocated by torch while ``run`` runs, above what it held before: from the
-    allocation events of torch's profiler, each of which carries the allocator's running total."""
-    gc.collect()  # no tensor of an earlier run freed inside the window
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiled:
-        run()
-    totals, nodes = [], list(profiled.profiler.kineto_results.experimental_event_tree())
-    while nodes:
-        node = nodes.pop()
-        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
-            totals.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
-        nodes.extend(node.children)
-    if not totals:
-        return 0
-    totals.sort()
-    before = totals[0][1] - totals[0][2]  # the running total just before the first event
-    return max(total for _, total, _ in totals) - before
 
 
 def measure(model_name: str, spec: tuple, repeats: int, device: str, memory: dict[str, int]) -> list[tuple]:

@@ -97,6 +97,34 @@ def test_statistics_of_constant_and_lazy_layers():
     assert stats["bn/0/running_mean_std"] == 0 and stats["bn/0/log_running_var_mean"] == 0
 
 
+@pytest.mark.parametrize("bins", [1, 3, 8])
+def test_all_layers_at_once_bin_as_histc_does_each_layer_values_on_the_edges_included(bins):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(50), nn.BatchNorm2d(7), nn.BatchNorm1d(5, affine=False))
+    model[0].running_mean.copy_(torch.randint(0, 5, (50,)) / 4)  # many values exactly on bin edges
+    model[0].running_var.copy_(torch.rand(50) * 3)
+    model[1].running_mean.copy_(torch.randn(7) * 1e4 + 100)
+    model[1].running_var[3] = float("nan")  # channel 3 left out of both of layer 1's histograms
+    model[2].running_var.fill_(2.0)
+    stats = bnguard.bn_statistics(model, bins=bins, include_affine=True)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            continue
+        finite = torch.isfinite(layer.running_mean) & torch.isfinite(layer.running_var)
+        tensors = {"running_mean": layer.running_mean[finite], "running_var": layer.running_var[finite]}
+        if layer.affine:
+            tensors.update(weight=layer.weight.detach(), bias=layer.bias.detach())
+        for key, values in tensors.items():
+            counts, edges, num, total, squares = stats[f"bn/{name}/{key}"]
+            values = values.double()
+            expected = torch.histc(values, bins=bins, min=float(edges[0]), max=float(edges[-1]))
+            assert counts.tolist() == expected.long().tolist() and num == len(values), (name, key)
+            assert total == pytest.approx(values.sum().item(), rel=1e-12, abs=1e-12)
+            assert squares == pytest.approx(values.square().sum().item(), rel=1e-12)
+        assert stats[f"bn/{name}/nonfinite"] == int((~finite).sum())
+        assert stats[f"bn/{name}/running_mean_mean"] == pytest.approx(tensors["running_mean"].double().mean().item())
+
+
 @pytest.mark.parametrize("bins", [0, 513, 2.5, True])
 def test_invalid_bins(bins):
     with pytest.raises(ValueError, match="bins must be an integer from 1 to 512"):
