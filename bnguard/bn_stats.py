@@ -28,13 +28,6 @@ def check_bins(bins: int) -> int:
     return bins
 
 
-def _tensors(layer: nn.Module, include_affine: bool) -> dict[str, torch.Tensor]:
-    out = {"running_mean": layer.running_mean, "running_var": layer.running_var}
-    if include_affine and layer.affine:
-        out.update(weight=layer.weight, bias=layer.bias)
-    return out
-
-
 def bn_statistics(model: nn.Module, bins: int = 64, include_affine: bool = False) -> dict[str, Any]:
     """Histograms over channels and summary scalars of every tracking, initialized BatchNorm layer.
 
@@ -68,9 +61,9 @@ def bn_statistics(model: nn.Module, bins: int = 64, include_affine: bool = False
     values, mask = torch.cat(parts), torch.cat(masks)
     entry = torch.repeat_interleave(torch.arange(len(parts), device=device),
                                     torch.tensor([len(p) for p in parts], device=device))
-    layer = torch.repeat_interleave(torch.arange(len(layers), device=device), torch.tensor(widths, device=device))
+    layer_of = torch.repeat_interleave(torch.arange(len(layers), device=device), torch.tensor(widths, device=device))
     figures = torch.cat([_totals(values, mask, entry, len(parts)).flatten(),
-                         _summaries(means, variances, finite, layer, len(layers)).flatten()]).tolist()
+                         _summaries(means, variances, finite, layer_of, len(layers)).flatten()]).tolist()
     totals = [figures[5 * i: 5 * i + 5] for i in range(len(parts))]
     ranges = [_widened(low, high) for low, high, *_ in totals]
     counts = _bin_counts(values, mask, entry, ranges, bins).cpu()
@@ -102,17 +95,17 @@ def _totals(values: torch.Tensor, mask: torch.Tensor, entry: torch.Tensor, entri
     return torch.stack([low, high, *sums], dim=1)
 
 
-def _summaries(means: torch.Tensor, variances: torch.Tensor, finite: torch.Tensor, layer: torch.Tensor,
+def _summaries(means: torch.Tensor, variances: torch.Tensor, finite: torch.Tensor, layer_of: torch.Tensor,
                layers: int) -> torch.Tensor:
     """Per layer: channel mean and std of the running mean, mean log running variance, non-finite channels."""
     def per_layer(x: torch.Tensor) -> torch.Tensor:
-        return means.new_zeros(layers).index_add_(0, layer, torch.where(finite, x, 0.0))
+        return means.new_zeros(layers).index_add_(0, layer_of, torch.where(finite, x, 0.0))
 
     kept = per_layer(torch.ones_like(means)).clamp(min=1)
     centre = per_layer(means) / kept
-    spread = (per_layer((means - centre[layer]).square()) / (kept - 1).clamp(min=1)).sqrt()
+    spread = (per_layer((means - centre[layer_of]).square()) / (kept - 1).clamp(min=1)).sqrt()
     log_var = per_layer(variances.clamp(min=torch.finfo(torch.float64).tiny).log()) / kept
-    nonfinite = means.new_zeros(layers).index_add_(0, layer, (~finite).double())
+    nonfinite = means.new_zeros(layers).index_add_(0, layer_of, (~finite).double())
     return torch.stack([centre, spread, log_var, nonfinite], dim=1)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .accumulator import Accumulators, merged_spreads
 from .confidence import CONFIDENCE, sidak_quantile, t_widening

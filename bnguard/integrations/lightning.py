@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..batches import batch_size as batch_size_of
 from ..batches import hook_batches
