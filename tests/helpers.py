@@ -105,6 +105,18 @@ def tiny_resnet(classes: int = 4, width: int = 4, dropout: float = 0.0) -> nn.Mo
     )
 
 
+def _then_leave_the_group(fn, *args):
+    """fn(*args), then the process group is left before the process exits: one that exits still joined can
+    abort while gloo's threads are torn down ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    try:
+        fn(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def launch_two_processes(fn, *args):
     """Runs fn(*args) in two real processes joined by gloo through Accelerate (CPU).
 
@@ -119,17 +131,19 @@ def launch_two_processes(fn, *args):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with tempfile.NamedTemporaryFile() as rendezvous, patch_environment(
+    # A folder around the rendezvous file: the processes' file store removes the file once they all left.
+    with tempfile.TemporaryDirectory() as rendezvous, patch_environment(
         world_size=2,
         master_addr="127.0.0.1",
         master_port=str(port),
         accelerate_mixed_precision="no",
-        accelerate_debug_rdv_file=rendezvous.name,
+        accelerate_debug_rdv_file=f"{rendezvous}/store",
         accelerate_use_cpu="yes",
         gloo_socket_ifname="lo",
         omp_num_threads=1,
     ):
-        start_processes(PrepareForLaunch(fn, debug=True), args=args, nprocs=2, start_method="spawn")
+        start_processes(PrepareForLaunch(_then_leave_the_group, debug=True), args=(fn, *args), nprocs=2,
+                        start_method="spawn")
 
 
 def toy_data(n: int = 24, classes: int = 4, seed: int = 0, size: int = 8):
