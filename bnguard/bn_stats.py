@@ -13,7 +13,7 @@ from torch import nn
 from .console import WarnOnce
 from .hooks import Hook
 from .isolation import batchnorm_in_train_mode
-from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
+from .layers import batchnorm_layers, is_uninitialized, side_by_side, tracks_statistics
 from .overview import NEVER, SECTION, Overview, due
 from .state import State
 from .tracking import Histogram, Trackers
@@ -43,8 +43,8 @@ def bn_statistics(model: nn.Module, bins: int = 64, include_affine: bool = False
         return {}
     device = layers[0][1].running_mean.device
     widths = [layer.running_mean.numel() for _, layer in layers]
-    means = _side_by_side([layer.running_mean for _, layer in layers], device)
-    variances = _side_by_side([layer.running_var for _, layer in layers], device)
+    means = side_by_side([layer.running_mean for _, layer in layers], device)
+    variances = side_by_side([layer.running_var for _, layer in layers], device)
     finite = torch.isfinite(means) & torch.isfinite(variances)
     keys, parts, masks = [], [], []
     for (name, layer), mean, var, kept in zip(layers, means.split(widths), variances.split(widths), finite.split(widths)):
@@ -76,13 +76,6 @@ def bn_statistics(model: nn.Module, bins: int = 64, include_affine: bool = False
         out[f"bn/{name}/running_mean_mean"], out[f"bn/{name}/running_mean_std"] = centre, spread
         out[f"bn/{name}/log_running_var_mean"], out[f"bn/{name}/nonfinite"] = log_var, int(nonfinite)
     return out
-
-
-def _side_by_side(buffers: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The buffers concatenated in float64 on ``device``: one concatenation when they share dtype and device."""
-    if all(b.device == device and b.dtype == buffers[0].dtype for b in buffers):
-        return torch.cat(buffers).detach().double()
-    return torch.cat([b.detach().to(device, torch.float64) for b in buffers])
 
 
 def _totals(values: torch.Tensor, mask: torch.Tensor, entry: torch.Tensor, entries: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
@@ -70,3 +71,11 @@ def train_keeping_frozen(model: nn.Module, frozen: list[_BatchNorm]) -> None:
     model.train()
     for layer in frozen:
         layer.eval()
+
+
+def side_by_side(buffers: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The layers' buffers concatenated in float64 on ``device``: one concatenation when they share dtype and
+    device (the usual case), else each one converted first."""
+    if all(b.device == device and b.dtype == buffers[0].dtype for b in buffers):
+        return torch.cat(buffers).detach().double()
+    return torch.cat([b.detach().to(device, torch.float64) for b in buffers])

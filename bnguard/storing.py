@@ -9,6 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .accumulator import Accumulators, Merged
 from .isolation import interrupts_deferred
+from .layers import side_by_side
 from .report import LayerReport
 
 
@@ -47,7 +48,7 @@ def _movements(means: torch.Tensor, variances: torch.Tensor, accumulators: Accum
     the old: the largest and the mean over channels of |mean shift| / new std and of |log variance ratio|.
     All layers at once, one synchronization."""
     layers, index, eps = accumulators.layers, accumulators.index, accumulators.eps
-    old_mean, old_var = (_joined([getattr(layer, name) for layer in layers], accumulators)
+    old_mean, old_var = (side_by_side([getattr(layer, name) for layer in layers], accumulators.device)
                          for name in ("running_mean", "running_var"))
     shift = (means - old_mean).abs() / (variances + eps).sqrt()
     log_ratio = ((variances + eps) / (old_var + eps)).log().abs()
@@ -56,14 +57,6 @@ def _movements(means: torch.Tensor, variances: torch.Tensor, accumulators: Accum
                                                              include_self=False)
     mean = both.new_zeros(len(layers), 2).index_add_(0, index, both) / torch.bincount(index)[:, None]
     return torch.stack([largest[:, 0], mean[:, 0], largest[:, 1], mean[:, 1]], dim=1).tolist()
-
-
-def _joined(buffers: list[torch.Tensor], accumulators: Accumulators) -> torch.Tensor:
-    """The layers' buffers side by side in float64 on the accumulators' device: one concatenation when they
-    share dtype and device, else each converted first."""
-    if accumulators.shared:
-        return torch.cat(buffers).to(torch.float64)
-    return torch.cat([buffer.to(accumulators.device, torch.float64) for buffer in buffers])
 
 
 def _finite_or_none(bound: float | None) -> float | None:

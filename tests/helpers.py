@@ -15,11 +15,10 @@ ON_EACH_DEVICE = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", 
 
 
 def reference_statistics(model: nn.Module, batches, seed: int | None = None, keep_modes: bool = False,
-                         only: set[str] | None = None, forward=None) -> dict:
+                         only: set[str] | None = None) -> dict:
     """Pooled float64 mean and unbiased variance of every BN layer's input (or of the layers named in
     ``only``), captured by forward pre-hooks on a copy of the model run the way recalibration runs it: those
-    BN layers in train mode, every other module in eval mode (or, with keep_modes, as it is), each batch
-    given to ``forward(model, batch)`` (default: the model called on the batch or its first element)."""
+    BN layers in train mode, every other module in eval mode (or, with keep_modes, as it is)."""
     model = copy.deepcopy(model)
     if not keep_modes:
         model.eval()
@@ -35,10 +34,9 @@ def reference_statistics(model: nn.Module, batches, seed: int | None = None, kee
             layer.register_forward_pre_hook(capture)
     if seed is not None:
         torch.manual_seed(seed)
-    forward = forward or (lambda m, batch: m(batch[0] if isinstance(batch, (tuple, list)) else batch))
     with torch.no_grad():
         for batch in batches:
-            forward(model, batch)
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     out = {}
     for name, parts in seen.items():
         values = torch.cat(parts, dim=1)
