@@ -90,7 +90,7 @@ def main() -> None:
                       f"{row['rss'] / 2 ** 20:>7.0f} | {row['state'] / 1024:>13.1f} |", flush=True)
                 started, wandb_before = time.perf_counter(), folder_bytes(Path(out))
         runner.fire("on_fit_end")
-        bnguard.tracking.finish(accelerator)
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

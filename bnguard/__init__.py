@@ -9,24 +9,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .auto_recalibrate import AutoRecalibrate
-    from .batches import TrainingBatches, default_forward
-    from .bn_stats import BNStatsLogger, bn_statistics, log_bn_stats
-    from .events import Event
-    from .guard import Guard
-    from .hooks import Hook, HookError, HookRunner
-    from .loop import Loop
-    from .metrics import NonFiniteLossError, accuracy
-    from .policy import Decision, DivergencePolicy, Verdict
-    from .precise_bn import PreciseBN
-    from .recalibration import recalibrate
-    from .records import RecordKeys
-    from .report import LayerReport, RecalibrationReport
-    from .run_dir import shared_output_dir
-    from .state import State
-    from .stopping import HOOK_TOLERANCE
-    from .tracking import Trackers, start_trackers
-    from .train_step import loss_from_model
+    from .drivers.guard import Guard
+    from .drivers.loop import Loop
+    from .drivers.metrics import NonFiniteLossError
+    from .drivers.run_dir import shared_output_dir
+    from .drivers.runner import HookError, HookRunner
+    from .drivers.tracker_setup import start_trackers
+    from .drivers.train_step import loss_from_model
+    from .drivers.training_batches import TrainingBatches
+    from .hooks.auto_recalibrate import AutoRecalibrate
+    from .hooks.base import Hook
+    from .hooks.bn_stats import BNStatsLogger, bn_statistics, log_bn_stats
+    from .hooks.events import Event
+    from .hooks.policy import Decision, DivergencePolicy, Verdict
+    from .hooks.precise_bn import PreciseBN
+    from .hooks.recalibrating import HOOK_TOLERANCE
+    from .hooks.record_keys import RecordKeys
+    from .hooks.state import State
+    from .hooks.trackers import Trackers
+    from .recalibration.batches import accuracy, default_forward
+    from .recalibration.recalibrate import recalibrate
+    from .recalibration.report import LayerReport, RecalibrationReport
 
 __version__ = "0.1.0"
 
@@ -64,41 +67,41 @@ __all__ = [
 
 # Where each public name lives.
 _WHERE = {
-    "AutoRecalibrate": "auto_recalibrate",
-    "TrainingBatches": "batches",
-    "default_forward": "batches",
-    "BNStatsLogger": "bn_stats",
-    "bn_statistics": "bn_stats",
-    "log_bn_stats": "bn_stats",
-    "Event": "events",
-    "Guard": "guard",
-    "Hook": "hooks",
-    "HookError": "hooks",
-    "HookRunner": "hooks",
-    "Loop": "loop",
-    "NonFiniteLossError": "metrics",
-    "accuracy": "metrics",
-    "Decision": "policy",
-    "DivergencePolicy": "policy",
-    "Verdict": "policy",
-    "PreciseBN": "precise_bn",
-    "recalibrate": "recalibration",
-    "RecordKeys": "records",
-    "LayerReport": "report",
-    "RecalibrationReport": "report",
-    "shared_output_dir": "run_dir",
-    "State": "state",
-    "HOOK_TOLERANCE": "stopping",
-    "Trackers": "tracking",
-    "start_trackers": "tracking",
-    "loss_from_model": "train_step",
+    "Guard": "drivers.guard",
+    "Loop": "drivers.loop",
+    "NonFiniteLossError": "drivers.metrics",
+    "shared_output_dir": "drivers.run_dir",
+    "HookError": "drivers.runner",
+    "HookRunner": "drivers.runner",
+    "start_trackers": "drivers.tracker_setup",
+    "loss_from_model": "drivers.train_step",
+    "TrainingBatches": "drivers.training_batches",
+    "AutoRecalibrate": "hooks.auto_recalibrate",
+    "Hook": "hooks.base",
+    "BNStatsLogger": "hooks.bn_stats",
+    "bn_statistics": "hooks.bn_stats",
+    "log_bn_stats": "hooks.bn_stats",
+    "Event": "hooks.events",
+    "Decision": "hooks.policy",
+    "DivergencePolicy": "hooks.policy",
+    "Verdict": "hooks.policy",
+    "PreciseBN": "hooks.precise_bn",
+    "HOOK_TOLERANCE": "hooks.recalibrating",
+    "RecordKeys": "hooks.record_keys",
+    "State": "hooks.state",
+    "Trackers": "hooks.trackers",
+    "accuracy": "recalibration.batches",
+    "default_forward": "recalibration.batches",
+    "recalibrate": "recalibration.recalibrate",
+    "LayerReport": "recalibration.report",
+    "RecalibrationReport": "recalibration.report",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
         value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    else:  # a submodule, e.g. bnguard.recalibration after a bare ``import bnguard``
+    else:  # a subpackage, e.g. bnguard.cli after a bare ``import bnguard``
         try:
             value = importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as error:

@@ -1,5 +1,5 @@
 """Data sets for the examples: scikit-learn's digits by default (shipped inside its wheel: no download), and
-an image folder as bnguard's command line reads them (bnguard.datasets), or CIFAR-10."""
+an image folder as bnguard's command line reads them (bnguard.cli.datasets), or CIFAR-10."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from bnguard import datasets as bnguard_datasets
-from bnguard.datasets import digits
+from bnguard.cli import datasets as bnguard_datasets
+from bnguard.cli.datasets import digits
 
 __all__ = ["cifar10", "digits", "image_folder"]
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bnguard.checkpoint import MANIFEST, CheckpointError
+from bnguard.utils.manifest import MANIFEST, CheckpointError
 from helpers import toy_loop
 
 

@@ -5,7 +5,7 @@ those ``bnguard.recalibrate`` computes on the same batches."""
 import pytest
 import torch
 
-from bnguard.checkpoint import verify_checkpoint
+from bnguard.utils.manifest import verify_checkpoint
 from cli_setup import TOY_DATA, assert_repaired, run_bnguard, dict_loaders, loaders, report_of, trained
 from helpers import ON_EACH_DEVICE, tiny_resnet, toy_loop
 

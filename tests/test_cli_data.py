@@ -8,7 +8,7 @@ import torch
 
 import bnguard
 from bnguard.cli import main
-from bnguard.datasets import digits
+from bnguard.cli.datasets import digits
 from cli_setup import ROOT, TOY_DATA
 from helpers import buffers_of
 

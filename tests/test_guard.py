@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import bnguard
-from bnguard.overview import Overview
+from bnguard.hooks.overview import Overview
 from helpers import (ON_EACH_DEVICE, assert_same_tensors, buffers_of, launch_two_processes, parameters_of, tiny_resnet,
                      toy_data)
 
@@ -482,7 +482,7 @@ def guarded_epoch(model, optimizer, loader, guard, after_step=None):
 def test_the_guard_logs_under_bnguard_and_never_over_the_scripts_own_metrics(tmp_path):
     from accelerate import Accelerator
 
-    from bnguard.tracking import OWN_SECTIONS
+    from bnguard.hooks.trackers import OWN_SECTIONS
     from wandb_log import history, offline_run_dir
 
     accelerator = Accelerator(cpu=True)

@@ -9,6 +9,8 @@ from accelerate import Accelerator
 
 import bnguard
 from bnguard import Event, Hook
+from bnguard.drivers.checkpoint import latest_checkpoint
+from bnguard.drivers.metrics import MetricSums
 from helpers import ON_EACH_DEVICE, assert_same_tensors, parameters_of, reevaluating_hook, toy_loop
 
 
@@ -175,7 +177,7 @@ def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path, monkeypa
         loop.fit()
     good = tmp_path / "checkpoints" / "epoch-0001"
     assert good.is_dir() and not (tmp_path / "checkpoints" / "epoch-0002").exists()
-    assert bnguard.checkpoint.latest_checkpoint(tmp_path / "checkpoints") == good
+    assert latest_checkpoint(tmp_path / "checkpoints") == good
 
 
 @pytest.mark.parametrize(
@@ -238,7 +240,7 @@ def test_an_empty_eval_loader_is_an_error_not_a_zero_score(tmp_path):
                      output_dir=tmp_path, progress=False)
 
     with pytest.raises(ValueError, match="no eval sample was seen"):  # data without a length, found empty later
-        bnguard.metrics.MetricSums("cpu").compute("eval", "acc")
+        MetricSums("cpu").compute("eval", "acc")
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

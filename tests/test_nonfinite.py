@@ -9,7 +9,8 @@ from torch import nn
 
 import bnguard
 from bnguard import AutoRecalibrate, Hook, Verdict
-from bnguard.checkpoint import latest_checkpoint, verify_checkpoint
+from bnguard.drivers.checkpoint import latest_checkpoint
+from bnguard.utils.manifest import verify_checkpoint
 from helpers import tiny_resnet, toy_data, toy_loop
 
 

@@ -8,8 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from bnguard import AutoRecalibrate, BNStatsLogger, RecalibrationReport
-from bnguard.overview import NEVER, Overview, due
-from bnguard.report import LayerReport
+from bnguard.hooks.overview import NEVER, Overview, due
+from bnguard.recalibration.report import LayerReport
 from helpers import toy_loop
 from wandb_log import history, offline_run_dir
 
@@ -116,7 +116,7 @@ def test_an_overview_metric_the_evaluation_never_gives_is_said_once(recwarn):
 
 
 def test_a_long_history_is_thinned_evenly_and_the_heatmap_keeps_the_latest_recalibrations():
-    from bnguard.overview import MAX_COLUMNS, MAX_POINTS
+    from bnguard.hooks.overview import MAX_COLUMNS, MAX_POINTS
 
     overview = Overview()
     report = RecalibrationReport(layers=[LayerReport("a", mean_shift_max=1.0)])

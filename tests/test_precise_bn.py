@@ -155,7 +155,7 @@ def test_a_first_recalibration_that_helps_is_kept_bit_for_bit(tmp_path):
 
 
 def test_the_automatic_check_judges_by_losses_and_accuracies_never_by_timings():
-    from bnguard.precise_bn import _candidates
+    from bnguard.hooks.precise_bn import _candidates
 
     given = {"eval_runtime": 1.5, "eval_top1": 70.0, "eval_ema_loss": 0.3, "eval_samples_per_second": 9.0}
     assert _candidates("auto", given) == ["eval_loss", "eval_acc", "eval_top1", "eval_ema_loss"]

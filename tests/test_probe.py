@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnguard
-from bnguard.probe import probe
+from bnguard.recalibration.probe import probe
 from helpers import assert_same_tensors, buffers_of
 
 

@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 import bnguard
+from bnguard.recalibration import storing
 from helpers import (
     ON_EACH_DEVICE,
     assert_matches_reference,
@@ -512,7 +513,7 @@ def test_ctrl_c_while_writing_the_statistics_writes_all_layers_or_none(monkeypat
     batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
     expected = copy.deepcopy(model)
     bnguard.recalibrate(expected, batches, progress=False)
-    _interrupt_on_call(monkeypatch, bnguard.storing, "_copy_all", nth=1)  # means written, not variances
+    _interrupt_on_call(monkeypatch, storing, "_copy_all", nth=1)  # means written, not variances
     with pytest.raises(KeyboardInterrupt):
         bnguard.recalibrate(model, batches, progress=False)
     assert_same_tensors(buffers_of(expected), buffers_of(model))  # all six layers new
@@ -580,8 +581,8 @@ def _lines_of(function):
         range(first, first + len(source))
 
 
-@pytest.mark.parametrize("where", ["bnguard.recalibration._passes", "bnguard.isolation.batchnorm_in_train_mode",
-                                   "bnguard.isolation.interrupts_deferred"])
+@pytest.mark.parametrize("where", ["bnguard.recalibration.recalibrate._passes", "bnguard.recalibration.isolation.batchnorm_in_train_mode",
+                                   "bnguard.recalibration.isolation.interrupts_deferred"])
 def test_a_ctrl_c_on_any_line_of_the_passes_setup_or_cleanup_leaves_the_model_as_it_was(where, ctrl_c_raises):
     import importlib
     import signal

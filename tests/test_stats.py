@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from bnguard.stats import Moments, pool_batches
+from bnguard.stats.moments import Moments, pool_batches
 
 
 def test_merge_is_the_moments_of_the_union():

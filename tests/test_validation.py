@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import bnguard
-from bnguard.validation import positive_int
+from bnguard.utils.validation import positive_int
 from helpers import toy_loop
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ..validation import fraction
+from ..utils.validation import fraction
 from .forms import AVERAGED, DATA_FORMS, MODEL, MODEL_FORMS, normalization
 
 EXAMPLES = """\

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import MANIFEST, CheckpointError, verify_checkpoint, write_manifest
-from ..records import RECORDS_COPY
+from ..utils.manifest import MANIFEST, CheckpointError, verify_checkpoint, write_manifest
+from ..utils.manifest import RECORDS_COPY
 from .errors import InputError
 
 LOOP, LIGHTNING, HF, STATE_DICT = "bnguard Loop checkpoint", "Lightning checkpoint", "Hugging Face folder", "state dict"

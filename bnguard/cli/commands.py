@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..isolation import restore_statistics, saved_statistics
-from ..layers import has_running_statistics
-from ..recalibration import recalibrate
+from ..recalibration.isolation import restore_statistics, saved_statistics
+from ..recalibration.layers import has_running_statistics
+from ..recalibration.recalibrate import recalibrate
 from .checkpoints import Checkpoint, check_output, open_checkpoint, recorded_accuracy, write_checkpoint
 from .data import load_data
 from .errors import DONE, NOT_WRITTEN_UNLIKE, NOT_WRITTEN_WORSE, InputError

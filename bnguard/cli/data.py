@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .. import datasets
+from . import datasets
 from .errors import InputError
 from .forms import IMAGENET
 from .specs import call, load_object

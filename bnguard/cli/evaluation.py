@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import default_forward, to_device
-from ..console import show_progress
-from ..distributed import sum_over_processes
-from ..isolation import preserved_modes
-from ..metrics import accuracy, batch_targets, logits_of
+from ..recalibration.batches import default_forward, to_device
+from ..utils.console import show_progress
+from ..utils.distributed import sum_over_processes
+from ..recalibration.isolation import preserved_modes
+from ..recalibration.batches import accuracy, batch_targets, logits_of
 from .errors import InputError
 
 

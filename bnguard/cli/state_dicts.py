@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from ..layers import batchnorm_layers, tracks_statistics
+from ..recalibration.layers import batchnorm_layers, tracks_statistics
 from .checkpoints import Checkpoint, WeightsFile
 from .errors import InputError
 from .forms import AVERAGED, MODEL

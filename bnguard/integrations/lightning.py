@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
-from ..batches import batch_size as batch_size_of
-from ..batches import hook_batches
-from ..events import Event
-from ..hooks import Hook, HookRunner, checked_hooks
-from ..isolation import preserved_rng, restore_statistics, saved_statistics
-from ..recalibration import Forward
-from ..tracking import Trackers
+from ..recalibration.batches import batch_size as batch_size_of
+from ..drivers.training_batches import hook_batches
+from ..hooks.events import Event
+from ..drivers.runner import HookRunner, checked_hooks
+from ..hooks.base import Hook
+from ..recalibration.isolation import preserved_rng, restore_statistics, saved_statistics
+from ..recalibration.batches import Forward
+from ..hooks.trackers import Trackers
 from .common import (RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated,
                      without_evaluation)
 

@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..batches import hook_batches
-from ..events import Event
-from ..hooks import Hook, HookRunner, checked_hooks
-from ..isolation import preserved_rng
-from ..tracking import Trackers
+from ..drivers.training_batches import hook_batches
+from ..hooks.events import Event
+from ..drivers.runner import HookRunner, checked_hooks
+from ..hooks.base import Hook
+from ..recalibration.isolation import preserved_rng
+from ..hooks.trackers import Trackers
 from .common import (RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated,
                      without_evaluation)
 from .transformers_state import STATE_FILE, hook_state_for, trainer_state_digest as _trainer_state_digest
@@ -116,8 +117,8 @@ class BNGuardCallback(transformers.TrainerCallback):
     def __init__(self, hooks: Iterable[Hook] | None = None, *, recalibration_loader: Iterable[Any] | None = None,
                  forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0):
         if hooks is None:
-            from ..auto_recalibrate import AutoRecalibrate
-            from ..bn_stats import BNStatsLogger
+            from ..hooks.auto_recalibrate import AutoRecalibrate
+            from ..hooks.bn_stats import BNStatsLogger
 
             hooks = [BNStatsLogger(overview_metric="loss"), AutoRecalibrate(monitor="loss", higher_is_better=False)]
         self.hooks = checked_hooks(hooks)  # checked here, where a mistake is made

@@ -1,0 +1,167 @@
+"""Scheduled recalibration: exact BatchNorm statistics before evaluations, whatever they would show."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils.console import WarnOnce
+from .recalibrating import FrozenDuringTraining, Target, nothing_recalibrated, recalibration_target
+from .base import Hook
+from ..recalibration.isolation import restore_statistics, saved_statistics
+from ..recalibration.recalibrate import recalibrate
+from .record_keys import RecordKeys
+from .state import NO_TRAIN_BATCHES, State
+from .recalibrating import HOOK_TOLERANCE
+from ..utils.validation import fraction, positive_int
+
+
+class PreciseBN(Hook):
+    """Recalibrates the BatchNorm statistics before every ``every_n_evals``-th evaluation (at EVAL_START), so
+    that those evaluations see statistics estimated for the weights being evaluated: on training samples until
+    every layer's error bound is within ``tolerance`` (see :func:`~bnguard.recalibrate`), at most
+    ``num_samples`` of them; ``tolerance=None`` takes ``num_samples`` whatever the precision. Records
+    ``recalibrated``, ``reason``, ``recal_seconds`` and ``recal_samples`` (see :class:`~bnguard.RecordKeys`)
+    for every evaluation.
+
+    Unlike :class:`~bnguard.AutoRecalibrate` it does not look at the metrics first: it costs a recalibration
+    per scheduled evaluation and never lets stale statistics reach one. BatchNorm layers that were not
+    updating their statistics during training (frozen for fine-tuning) keep them, unless ``include_frozen``.
+    ``target`` (a model, or a callable giving it) recalibrates another model than the trained one, e.g. the
+    EMA / SWA copy the evaluation uses.
+
+    The first recalibration is checked: the evaluation runs again with the statistics it replaced, and when
+    the new ones make ``eval_<monitor>`` worse by more than ``margin`` (in the metric's units) they are
+    undone, with a warning naming the likely cause (recalibration batches not prepared like the training
+    batches). ``monitor="auto"`` judges by ``eval_loss``, else ``eval_acc``, else another loss or accuracy
+    the evaluation gives; with a ``target``, by the first of those that the target's statistics moved (a
+    metric of the trained model cannot judge them). ``higher_is_better`` defaults to False for a name with
+    "loss" in it, else True.
+    ``monitor=None`` skips the check, which costs one evaluation per run.
+    """
+
+    acts_at_evaluation = writes_decisions = reevaluation_optional = True
+
+    def __init__(self, every_n_evals: int = 1, *, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
+                 include_frozen: bool = False, target: Target = None, monitor: str | None = "auto",
+                 higher_is_better: bool | None = None, margin: float = 0.05):
+        self.every_n_evals = positive_int("every_n_evals", every_n_evals)
+        self.tolerance = fraction("tolerance", tolerance, optional=True)
+        self.num_samples = positive_int("num_samples", num_samples)
+        self.include_frozen, self.target, self._frozen = include_frozen, target, FrozenDuringTraining()
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+            raise ValueError(f"margin must be a number >= 0 (in the units of the metric checked), got {margin!r}")
+        self.monitor, self.higher_is_better, self.margin = monitor, higher_is_better, margin
+        self.reevaluates = monitor is not None
+        self.evaluations, self.checked = 0, monitor is None
+        self._outcome: dict[str, Any] = {}
+        self._replaced: tuple[nn.Module, dict[torch.Tensor, torch.Tensor]] | None = None
+        self._started, self._warn_once = False, WarnOnce()
+
+    def on_fit_start(self, state: State) -> None:
+        if not state.has_train_batches:
+            raise ValueError(f"PreciseBN needs training batches to recalibrate on: {NO_TRAIN_BATCHES}")
+
+    def on_step_end(self, state: State) -> None:
+        self._frozen.observe(state)
+
+    def on_eval_start(self, state: State) -> None:
+        self._started = True
+        self.evaluations += 1
+        if self.evaluations % self.every_n_evals:
+            self._outcome = {RecordKeys.RECALIBRATED: False, RecordKeys.SECONDS: 0.0, RecordKeys.SAMPLES: 0,
+                             RecordKeys.REASON: f"not scheduled: every {self.every_n_evals} evaluations"}
+            return
+        started = time.perf_counter()
+        model, frozen = recalibration_target(self.target, state, self._frozen)
+        if not self.checked:
+            self._replaced = (model, saved_statistics(model))
+        report = recalibrate(model, state.train_batches(), tolerance=self.tolerance, num_samples=self.num_samples,
+                             accelerator=state.accelerator, frozen=frozen, forward=state.forward,
+                             include_frozen=self.include_frozen, progress=False)
+        seconds = time.perf_counter() - started
+        why_not = nothing_recalibrated(report)
+        self._outcome = {RecordKeys.RECALIBRATED: why_not is None, RecordKeys.SECONDS: seconds,
+                         RecordKeys.SAMPLES: report.samples if why_not is None else 0,
+                         RecordKeys.REASON: self._schedule() if why_not is None else f"nothing recalibrated: {why_not}"}
+        if why_not is not None:
+            self._warn_once("nothing", f"PreciseBN recalibrated nothing in {type(model).__name__}: {why_not}; "
+                            "include_frozen=True recalibrates frozen layers too")
+            return
+        state.recalibrated(report)
+
+    def on_eval_end(self, state: State) -> None:
+        if not self._started:  # the loop evaluated without announcing it: nothing was recalibrated
+            self._warn_once("no eval start", "PreciseBN recalibrates at EVAL_START, but EVAL_END came without "
+                            "it: fire Event.EVAL_START before evaluating")
+            self._outcome = {RecordKeys.RECALIBRATED: False, RecordKeys.SECONDS: 0.0, RecordKeys.SAMPLES: 0,
+                             RecordKeys.REASON: "no EVAL_START was fired: nothing recalibrated"}
+        self._started = False
+        if self._replaced is not None and self._outcome[RecordKeys.RECALIBRATED]:
+            self._check(state, *self._replaced)
+        self._replaced = None
+        state.record.update(RecordKeys.of(self.decision_prefix, self._outcome))
+        state.log(RecordKeys.tracked(self.decision_prefix, {
+            RecordKeys.RECALIBRATED: float(self._outcome[RecordKeys.RECALIBRATED]),
+            RecordKeys.SECONDS: self._outcome[RecordKeys.SECONDS]}))
+
+    def _check(self, state: State, model: nn.Module, replaced: dict[torch.Tensor, torch.Tensor]) -> None:
+        """The first recalibration against the statistics it replaced, on ``eval_<monitor>``."""
+        keys = [key for key in _candidates(self.monitor, state.eval_metrics) if key in state.eval_metrics]
+        if not keys:
+            self._warn_once("check", f"PreciseBN checks its first recalibration on eval_{self.monitor}, which the "
+                            f"evaluation does not give ({sorted(state.eval_metrics)}): pass monitor= one it gives")
+            return
+        self.checked = True
+        if state.cannot_reevaluate is not None:
+            self._warn_once("cannot", f"PreciseBN left its first recalibration unchecked: the check evaluates again, "
+                            f"and {state.cannot_reevaluate}; monitor=None turns the check off")
+            return
+        recalibrated = saved_statistics(model)
+        restore_statistics(replaced)
+        before = state.evaluate()
+        moved = [key for key in keys if before.get(key) != state.eval_metrics[key]]
+        if self.target is not None and not moved:  # the metrics measure another model than the target
+            restore_statistics(recalibrated)
+            self._warn_once("target metric", f"PreciseBN(target=...) recalibrated {type(model).__name__}, and "
+                            f"{', '.join(keys)} did not move at all: it measures another model, most likely the "
+                            "trained one (or ties, as an accuracy can), so the recalibration was not checked. Give "
+                            "the target's own metric as monitor, e.g. monitor='ema_loss' with the evaluation "
+                            "returning it (a loss judges finest)")
+            return
+        key = moved[0] if self.target is not None else keys[0]
+        new, old = state.eval_metrics[key], before[key]
+        higher_is_better = self.higher_is_better if self.higher_is_better is not None else "loss" not in key
+        if (old - new if higher_is_better else new - old) <= self.margin:
+            restore_statistics(recalibrated)
+            return
+        state.eval_metrics = {**state.eval_metrics, **before}  # what the statistics kept give
+        self._outcome = {**self._outcome, RecordKeys.RECALIBRATED: False,
+                         RecordKeys.REASON: f"recalibration made {key} worse ({old:.4g} -> {new:.4g}): undone"}
+        self._warn_once("worse", f"PreciseBN's first recalibration made {key} worse ({old:.4g} -> {new:.4g}), so "
+                        "it was undone: the recalibration batches are most likely not prepared like the training "
+                        "batches (normalization, augmentation, forward=); later recalibrations are not checked")
+
+    def _schedule(self) -> str:
+        return "always" if self.every_n_evals == 1 else f"scheduled: every {self.every_n_evals} evaluations"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations, "checked": self.checked}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evaluations = state["evaluations"]
+        self.checked = state.get("checked", True)  # a state saved before the check existed: past its first
+
+
+def _candidates(monitor: str, eval_metrics: dict[str, float]) -> list[str]:
+    """The eval metrics that may judge a recalibration, in order: ``eval_<monitor>``, or for "auto" eval_loss,
+    eval_acc and then the evaluation's other losses and accuracies (``loss``, ``acc`` or ``top`` in the name;
+    not its timings)."""
+    if monitor != "auto":
+        return [f"eval_{monitor}"]
+    others = [key for key in eval_metrics if key not in ("eval_loss", "eval_acc")
+              and any(kind in key.removeprefix("eval_") for kind in ("loss", "acc", "top"))]
+    return ["eval_loss", "eval_acc", *others]

@@ -1,0 +1,230 @@
+"""Collecting the BatchNorm layers' per-call statistics during recalibration, pooled for all layers at once,
+and merging them across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..utils.distributed import all_gather
+from .layers import channels as layer_channels
+from ..stats.spread import BatchSpread
+from ..stats.moments import Moments, pool_batches
+
+
+class Merged(NamedTuple):
+    """What every process saw, merged: each layer's totals, the moments and the spread of all channels
+    side by side, and the global batch and sample counts."""
+
+    totals: dict[_BatchNorm, LayerTotals]
+    moments: Moments
+    spread: BatchSpread
+    batches: int
+    samples: int
+
+
+class LayerTotals(NamedTuple):
+    """Everything one layer saw: pooled moments, calls left out as non-finite, samples, calls, and calls
+    left out because they held one value per channel."""
+
+    moments: Moments
+    nonfinite: int
+    samples: int
+    calls: int
+    one_value: int  # calls left out: one value per channel, which BatchNorm cannot train-normalize
+
+
+# Per layer, these counts travel between processes after the moments and the spread of all channels.
+_LAYER_COUNTS = ("nonfinite", "samples", "calls", "one_value")
+
+
+class LayerRows:
+    """One layer's calls: each computes its batch mean and unbiased variance with BatchNorm's own kernel, at
+    momentum 1, into a row of the layer's chunk, so the layer's real buffers are never touched.
+
+    A stock BatchNorm layer runs :meth:`forward_of` in place of its forward (no hook dispatch, no momentum or
+    call counter); a subclass with a forward of its own keeps it, fed by the pre-hook :meth:`before_call`.
+    """
+
+    def __init__(self, layer: _BatchNorm, means: torch.Tensor, variances: torch.Tensor, flush: Callable[[], None]):
+        self.means, self.variances = means, variances  # chunk x channels, possibly columns of shared tensors
+        self.height = len(means)  # rows in a chunk
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # row views, made once each, on first use
+        self.counts: list[int] = []  # elements per channel of each row written since the last flush
+        self.calls: torch.Tensor | None = None  # the batch counter a layer with a forward of its own increments
+        self.samples = self.batches = self.one_value = 0
+        self._flush = flush
+        self._statistics = (layer.running_mean, layer.running_var)  # the layer's own, read in eval mode only
+        self.channels = layer_channels(layer)
+
+    def _next_row(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The row this call writes; None for a call of one value per channel, which train mode would refuse:
+        it normalizes as in eval mode, with the layer's own statistics, and is left out. (Runs at every layer
+        call: plain Python on ints, no tensor operation.)"""
+        elements = x.numel()
+        if elements == self.channels:
+            self.one_value += 1
+            return None
+        if len(self.counts) == self.height:  # every row written by now: pool all layers' rows
+            self._flush()
+        counts, rows = self.counts, self.rows
+        counts.append(elements // self.channels)
+        self.samples += x.shape[0]
+        self.batches += 1
+        row = len(counts) - 1
+        if row == len(rows):
+            rows.append((self.means[row], self.variances[row]))
+        return rows[row]
+
+    def forward_of(self, layer: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A stock BatchNorm forward that writes this call's statistics into its row (torch.batch_norm itself:
+        the one-value check that F.batch_norm adds is :meth:`_next_row`'s)."""
+        def forward(input: torch.Tensor) -> torch.Tensor:
+            layer._check_input_dim(input)
+            row = self._next_row(input)
+            mean, var = self._statistics if row is None else row
+            return torch.batch_norm(input, layer.weight, layer.bias, mean, var, row is not None, 1.0, layer.eps,
+                                    torch.backends.cudnn.enabled)
+        return forward
+
+    def before_call(self, layer: _BatchNorm, args: tuple, kwargs: dict) -> None:
+        """For a layer with a forward of its own, run at momentum 1: points its buffers at the row."""
+        row = self._next_row(args[0] if args else kwargs["input"])  # bn(x) or bn(input=x)
+        layer.training = row is not None  # back to train mode at the next call after a one-value one
+        # Direct dict access: this runs before every layer call, and the names are plain buffers.
+        layer._buffers["running_mean"], layer._buffers["running_var"] = self._statistics if row is None else row
+        if row is not None:
+            if self.calls is None:
+                self.calls = torch.zeros((), dtype=torch.long, device=layer.running_mean.device)
+            layer._buffers["num_batches_tracked"] = self.calls
+        return None
+
+
+class Accumulators:
+    """The per-call statistics of every recalibrated layer, collected with no device synchronization and
+    pooled for all layers' channels side by side: float64 moments and the :class:`BatchSpread`, whatever the
+    number of layers, in a few dozen tensor operations per chunk of calls."""
+
+    chunk = 64
+
+    def __init__(self, layers: list[_BatchNorm]):
+        self.layers = layers
+        buffer = layers[0].running_mean
+        self.device = buffer.device
+        widths = torch.tensor([layer_channels(layer) for layer in layers])
+        self.host_index = torch.repeat_interleave(torch.arange(len(layers)), widths)  # each channel's layer
+        self.index = self.host_index.to(self.device)
+        self.widths = widths.tolist()  # channels of each layer
+        self.bounds = torch.cat([torch.zeros(1, dtype=torch.long), widths.cumsum(0)]).tolist()
+        channels = self.bounds[-1]
+        self.eps = torch.tensor([layer.eps for layer in layers], dtype=torch.float64, device=self.device)[self.index]
+        # Layers alike in dtype and device write into columns of two shared tensors: pooled as they are.
+        self.shared = all(layer.running_mean.dtype == buffer.dtype and layer.running_mean.device == self.device
+                          for layer in layers)
+        self.means = torch.zeros(self.chunk, channels, dtype=buffer.dtype, device=self.device) if self.shared else None
+        self.variances = torch.zeros_like(self.means) if self.shared else None
+        self.of = {}
+        for layer, start, end in zip(layers, self.bounds, self.bounds[1:]):
+            if self.shared:
+                means, variances = self.means[:, start:end], self.variances[:, start:end]
+            else:
+                means = torch.zeros(self.chunk, layer_channels(layer), dtype=layer.running_mean.dtype,
+                                    device=layer.running_mean.device)
+                variances = torch.zeros_like(means)
+            self.of[layer] = LayerRows(layer, means, variances, self.flush)
+        self.moments = Moments.empty(channels, self.device)
+        self.nonfinite = torch.zeros(len(layers), dtype=torch.long, device=self.device)
+        self.spread = BatchSpread.empty(channels, self.device)
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows written since the last flush, all layers side by side: counts, means and variances
+        (R x C, float64), which entries to pool (R x C), and each layer's rows left out as non-finite (L)."""
+        rows = [self.of[layer] for layer in self.layers]
+        height = max(len(r.counts) for r in rows)
+        counts = torch.tensor([r.counts + [0] * (height - len(r.counts)) for r in rows], dtype=torch.float64)
+        counts = counts.to(self.device, non_blocking=True).t()
+        if self.shared:
+            means, variances = self.means[:height].double(), self.variances[:height].double()
+        else:
+            means = torch.cat([r.means[:height].to(self.device, torch.float64) for r in rows], dim=1)
+            variances = torch.cat([r.variances[:height].to(self.device, torch.float64) for r in rows], dim=1)
+        # A call is non-finite where the float64 sum of its layer's means and variances is (no overflow there).
+        sums = torch.zeros(height, len(rows), dtype=torch.float64, device=self.device).index_add_(
+            1, self.index, means + variances)
+        bad = ~torch.isfinite(sums) & (counts > 0)
+        valid = ((counts > 0) & ~bad)[:, self.index]
+        return counts[:, self.index], means, variances, valid, bad.sum(0)
+
+    @property
+    def pending(self) -> bool:
+        """Whether any layer has rows written since the last flush."""
+        return any(rows.counts for rows in self.of.values())
+
+    def flush(self, reuse_rows: bool = True) -> None:
+        """Pools every row written so far into the moments and the spread, and frees the rows."""
+        if not self.pending:
+            return
+        counts, means, variances, valid, dropped = self._rows()
+        self.moments = self.moments.merge(pool_batches(counts, means, variances, valid)[0])
+        self.spread = self.spread.add(counts, means, variances, valid)
+        self.nonfinite += dropped
+        for rows in self.of.values():
+            rows.counts = []
+        if reuse_rows:  # momentum 1 computes 0 * old + batch: a NaN left in a row would poison its next call
+            for tensor in [self.means, self.variances] if self.shared else [
+                    t for rows in self.of.values() for t in (rows.means, rows.variances)]:
+                tensor.zero_()
+
+    def sum_spread(self) -> BatchSpread:
+        """The spread of every call so far, the rows not yet pooled included."""
+        if not self.pending:
+            return self.spread
+        counts, means, variances, valid, _ = self._rows()
+        return self.spread.add(counts, means, variances, valid)
+
+    def counts(self) -> torch.Tensor:
+        """Per layer, this process's :data:`_LAYER_COUNTS` (L x 4, float64)."""
+        host = torch.tensor([[rows.samples, rows.batches, rows.one_value] for rows in self.of.values()],
+                            dtype=torch.float64).to(self.device, non_blocking=True)
+        return torch.cat([self.nonfinite.double()[:, None], host], dim=1)
+
+
+def merged_spreads(spread: BatchSpread, flags: torch.Tensor, world_size: int) -> tuple[BatchSpread, torch.Tensor]:
+    """Every process's spread merged in rank order (bit-identical on all of them), and every process's
+    ``flags`` (a float64 vector), one row per rank. One all_gather carries both."""
+    if world_size == 1:
+        return spread, flags[None]
+    gathered = all_gather(torch.cat([flags, spread.packed()]), world_size)
+    merged = BatchSpread.empty(spread.shift.numel(), spread.shift.device)
+    for vector in gathered:
+        merged = merged.merge(BatchSpread.unpacked(vector[flags.numel():], spread.shift.numel()))
+    return merged, torch.stack([vector[:flags.numel()] for vector in gathered])
+
+
+def merge_processes(accumulators: Accumulators, seen_batches: int, seen_samples: int, world_size: int) -> Merged:
+    """Everything every process saw, bit-identical on all of them. One all_gather carries it."""
+    accumulators.flush(reuse_rows=False)
+    moments, spread, counts = accumulators.moments, accumulators.spread, accumulators.counts()
+    header = torch.tensor([seen_batches, seen_samples], dtype=torch.float64, device=accumulators.device)
+    if world_size > 1:
+        local = [header, counts.flatten(), moments.count, moments.mean, moments.m2, spread.packed()]
+        gathered = all_gather(torch.cat(local), world_size)
+        channels = moments.mean.numel()
+        moments, spread = Moments.empty(channels, accumulators.device), BatchSpread.empty(channels, accumulators.device)
+        header, counts = torch.zeros_like(header), torch.zeros_like(counts)
+        for vector in gathered:  # rank order, so every process computes the same bits
+            parts = vector.split([part.numel() for part in local])
+            header, counts = header + parts[0], counts + parts[1].reshape(counts.shape)
+            moments = moments.merge(Moments(*parts[2:5]))
+            spread = spread.merge(BatchSpread.unpacked(parts[5], channels))
+    figures = torch.cat([header, counts.flatten()]).tolist()  # one synchronization for every layer's counts
+    totals = {}
+    for i, layer in enumerate(accumulators.layers):
+        start, end = accumulators.bounds[i], accumulators.bounds[i + 1]
+        layer_counts = figures[2 + 4 * i: 6 + 4 * i]
+        totals[layer] = LayerTotals(Moments(moments.count[start:end], moments.mean[start:end], moments.m2[start:end]),
+                                    *map(int, layer_counts))
+    return Merged(totals, moments, spread, int(figures[0]), int(figures[1]))

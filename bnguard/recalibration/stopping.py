@@ -1,0 +1,145 @@
+"""When recalibration has seen enough: every layer's statistics within a stated error bound of their limit."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .accumulator import Accumulators, merged_spreads
+from ..stats.confidence import CONFIDENCE, sidak_quantile, t_widening
+from .layers import channels as layer_channels
+from ..stats.spread import BatchSpread
+
+TOLERANCE_MET = "tolerance met"
+END_OF_DATA = "end of data"
+# Checked after 4 batches, then every second batch up to 16 and every eighth of the batches seen after: the
+# stop overshoots by at most one batch or an eighth, and a check, a few tensor operations on all layers at
+# once, costs about a quarter of a batch's forward on the example's network (one CPU thread).
+FIRST_CHECK, CHECK_SPACING, CHECK_GROWTH = 4, 2, 8
+# A layer whose batch means change this little between consecutive batches, against their spread, is fed
+# an ordered stream (iid batches give about 1).
+ORDERED_BELOW, ORDERED_MIN_BATCHES = 0.25, 16
+MAX_STEPS = 60  # bisection alone would reach 1e-10 of the bracket in 34; Newton takes about 5
+
+
+class ErrorBounds:
+    """Per-layer error bounds of the pooled statistics, from the accumulators' batch spreads: the largest
+    over channels of |mean error| / std and |variance error| / variance at 95% confidence for all of the
+    layer's channels together (:mod:`bnguard.confidence`). With several processes every rank merges the same
+    figures and so decides the same; each check is one all_gather."""
+
+    def __init__(self, accumulators: Accumulators, world_size: int):
+        self.accumulators, self.world_size = accumulators, world_size
+        layers = accumulators.layers
+        self.channels = [layer_channels(layer) for layer in layers]
+        self.eps = accumulators.eps
+        self.index = accumulators.index
+        self.starts = torch.tensor(accumulators.bounds[:-1], device=accumulators.device)
+        self.estimate_index = accumulators.host_index.repeat(2)  # a mean and a variance per channel
+        self.next_check = FIRST_CHECK
+        self.order: list[tuple[float, int]] = []
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_check
+
+    def check(self, step: int, done: bool, tolerance: float) -> tuple[bool, bool]:
+        """Whether every layer is within ``tolerance`` now, over all processes (a layer that got no batch
+        yet, a branch not taken, waits for no one), and whether every process is ``done``. Deciding needs
+        the joint coverage at ``tolerance`` only, not the bounds themselves."""
+        self.next_check = step + max(CHECK_SPACING, step // CHECK_GROWTH)
+        errors, counts, widening, everyone_done = self._measure(self.accumulators.sum_spread(), done, merged=False)
+        within = joint_coverage_at(tolerance, errors, self.estimate_index, widening).tolist()
+        fed = [ok for ok, batches in zip(within, counts) if batches]
+        return bool(fed) and all(fed), everyone_done
+
+    def of(self, spread: BatchSpread, *, merged: bool) -> list[float | None]:
+        """Every layer's bound from ``spread`` (all layers' channels), None for a layer that got no batch;
+        this process's spread, merged over processes here, unless ``merged``."""
+        errors, counts, widening, _ = self._measure(spread, True, merged=merged)
+        bounds = joint_bounds(errors, self.estimate_index, widening)
+        return [None if b == 0 else bound for bound, b in zip(bounds.tolist(), counts)]
+
+    def _measure(self, spread: BatchSpread, done: bool, *, merged: bool
+                 ) -> tuple[torch.Tensor, list[int], torch.Tensor, bool]:
+        """The relative standard errors of every estimate (on the CPU), each layer's batches and t widening,
+        and whether every process is ``done``; notes how ordered each layer's stream looks."""
+        flag = torch.tensor([float(done)], dtype=torch.float64, device=self.eps.device)
+        whole, flags = merged_spreads(spread, flag, 1 if merged else self.world_size)
+        layers = len(self.channels)
+        order = torch.zeros(layers, dtype=torch.float64, device=self.eps.device).index_add_(
+            0, self.index, whole.order_ratio().nan_to_num(1.0))
+        figures = torch.cat([*whole.relative_errors(self.eps), whole.batches[self.starts], order,
+                             flags[:, 0]]).cpu()  # one synchronization
+        errors, batches, order, flags = figures.split([2 * self.index.numel(), layers, layers, flags.shape[0]])
+        counts = [int(b) for b in batches.tolist()]
+        widening = torch.tensor([t_widening(2 * c, b) for c, b in zip(self.channels, counts)], dtype=torch.float64)
+        self.order = [(total / channels, b) for total, channels, b in zip(order.tolist(), self.channels, counts)]
+        return errors, counts, widening, bool(flags.all())
+
+    def ordered(self) -> list[int]:
+        """The layers (by position) whose batches look ordered at the last check, not a random sample."""
+        return [i for i, (ratio, batches) in enumerate(self.order)
+                if batches >= ORDERED_MIN_BATCHES and ratio < ORDERED_BELOW]
+
+
+def _scales(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each estimate's standard deviation (0 where unknown), whether it takes part (an estimate without
+    spread is exact and does not), the same with 1 where it does not, and the layers with an unknown one."""
+    scale = errors * widening[index]
+    finite = torch.isfinite(scale)
+    unknown = torch.zeros(widening.numel(), dtype=torch.bool).index_put_((index,), ~finite, accumulate=True)
+    scale = torch.where(finite, scale, 0.0)
+    live = scale > 0
+    return scale, live, torch.where(live, scale, 1.0), unknown
+
+
+def _shortfall(bound: torch.Tensor, index: torch.Tensor, live: torch.Tensor, safe: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G(B) = -sum_k log P(|e_k| <= B) per layer at the per-layer ``bound``, with each estimate's x = B /
+    sigma_k and tail P(|Z| > x)."""
+    x = torch.where(live, bound[index] / safe, torch.inf)
+    tail = 2 * torch.special.ndtr(-x)
+    total = torch.zeros(bound.numel(), dtype=torch.float64).index_add_(0, index, -torch.log1p(-tail))
+    return total, x, tail
+
+
+def joint_coverage_at(tolerance: float, errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor
+                      ) -> torch.Tensor:
+    """Per layer, whether its joint bound (:func:`joint_bounds`) is within ``tolerance``: G decreases, so
+    that is G(tolerance) <= -log 95%, one evaluation instead of a root."""
+    _, live, safe, unknown = _scales(errors, index, widening)
+    total, _, _ = _shortfall(torch.full(widening.shape, tolerance, dtype=torch.float64), index, live, safe)
+    return ~unknown & (total <= -math.log(CONFIDENCE))
+
+
+def joint_bounds(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor) -> torch.Tensor:
+    """Per layer, the B with prod_k P(|e_k| <= B) = 95% over its estimates k (``index`` gives each one's
+    layer), e_k normal with standard deviation ``errors`` times the layer's ``widening``, to a relative
+    1e-10. Infinite for unknown errors.
+
+    With G(B) = -sum_k log P(|e_k| <= B), the root of log G(B) = log(-log 95%) is bracketed by the bound of
+    the largest estimate alone and Sidak's bound (all estimates as large as the largest); Newton's method on
+    log G, nearly linear near the root where G itself falls like a Gaussian tail, falls back to bisection
+    whenever it would leave the bracket."""
+    layers = widening.numel()
+    scale, live, safe, unknown = _scales(errors, index, widening)
+    top = torch.zeros(layers, dtype=torch.float64).scatter_reduce(0, index, scale, "amax", include_self=False)
+    estimates = torch.bincount(index, minlength=layers).tolist()
+    low = sidak_quantile(1) * top
+    high = torch.tensor([sidak_quantile(k) if k else 0.0 for k in estimates], dtype=torch.float64) * top
+    target, bound = -math.log(CONFIDENCE), high
+    for _ in range(MAX_STEPS):
+        total, x, tail = _shortfall(bound, index, live, safe)
+        density = torch.where(live, 2 * torch.exp(-x.square() / 2) / math.sqrt(2 * math.pi), 0.0)
+        slope = torch.zeros(layers, dtype=torch.float64).index_add_(0, index, density / (safe * (1 - tail)))
+        covered = total <= target
+        high, low = torch.where(covered, bound, high), torch.where(covered, low, bound)
+        newton = bound + (total.log() - math.log(target)) * total / slope  # -G / G' = total / slope
+        inside = (newton >= low) & (newton <= high)
+        step = torch.where(inside, newton, (low + high) / 2) - bound
+        bound = bound + step
+        if bool((step.abs() <= 1e-10 * bound).all()):
+            break
+    return torch.where(unknown, torch.inf, torch.where(top > 0, bound, 0.0))
