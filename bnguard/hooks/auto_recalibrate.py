@@ -10,20 +10,17 @@ from typing import Any
 
 from torch import nn
 
-from ..utils.console import WarnOnce
-from .recalibrating import FrozenDuringTraining, Target, nothing_recalibrated, recalibration_target
-from .base import Hook
+from ..recalibration.batches import Forward, batch_accuracy
 from ..recalibration.isolation import restore_statistics, saved_statistics
 from ..recalibration.layers import has_running_statistics
-from ..recalibration.batches import batch_accuracy
-from .policy import Decision, DivergencePolicy
 from ..recalibration.probe import Score, probe
-from ..recalibration.batches import Forward
-from ..recalibration.recalibrate import recalibrate
+from ..utils.console import WarnOnce
+from ..utils.validation import positive_int
+from .policy import Decision, DivergencePolicy
 from .record_keys import RecordKeys
-from .state import NO_TRAIN_BATCHES, State
-from .recalibrating import HOOK_TOLERANCE
-from ..utils.validation import fraction, positive_int
+from .recalibrating import HOOK_TOLERANCE, RecalibratingHook, Target
+from .state import State
+
 
 _OTHER_MODEL = ("AutoRecalibrate(target=...) recalibrated {model}, and eval_{monitor} did not move at all: it "
                 "measures another model, most likely the trained one. Give the target's own metric as monitor, "
@@ -34,7 +31,7 @@ NOTHING_TO_RECALIBRATE = "nothing to recalibrate: the model has no BatchNorm lay
 THRESHOLDS = {"gap_threshold": 0.05, "drop_threshold": 0.03, "recovery_margin": 0.01}
 
 
-class AutoRecalibrate(Hook):
+class AutoRecalibrate(RecalibratingHook):
     """After each evaluation, asks a :class:`~bnguard.DivergencePolicy` whether the eval metric (eval mode,
     running statistics) has diverged from the train metric or fallen below its best; when it has, recalibrates
     the BatchNorm statistics (to ``tolerance``, on at most ``num_samples`` training samples, as
@@ -58,7 +55,7 @@ class AutoRecalibrate(Hook):
     Outside :class:`bnguard.Loop`, call :meth:`check` after evaluating.
     """
 
-    acts_at_evaluation = writes_decisions = reevaluates = True
+    reevaluates = True
 
     def __init__(self, *, monitor: str = "acc", higher_is_better: bool = True, gap_threshold: float | None = None,
                  drop_threshold: float | None = None, patience: int = 1, recovery_margin: float | None = None,
@@ -69,14 +66,15 @@ class AutoRecalibrate(Hook):
         self.policy, self.scale = ThresholdScale.policy_for(
             monitor=monitor, higher_is_better=higher_is_better, gap_threshold=gap_threshold, patience=patience,
             drop_threshold=drop_threshold, recovery_margin=recovery_margin, max_cooldown=max_cooldown)
-        self.monitor, self.report_only, self.alert_every_s = monitor, report_only, alert_every_s
+        super().__init__(tolerance=tolerance, num_samples=num_samples, include_frozen=include_frozen, target=target)
+        self.monitor = monitor
         self.train_monitor = train_monitor or monitor
-        self.tolerance = fraction("tolerance", tolerance, optional=True)
-        self.num_samples = positive_int("num_samples", num_samples)
+        self.report_only = report_only
+        self.alert_every_s = alert_every_s
         self.probe_samples = positive_int("probe_samples", probe_samples, optional=True)
-        self.probe_score, self.include_frozen, self.target = probe_score, include_frozen, target
+        self.probe_score = probe_score
         self.history: list[dict[str, Any]] = []
-        self._last_alert, self._warn_once, self._frozen = -float("inf"), WarnOnce(), FrozenDuringTraining()
+        self._last_alert = -float("inf")
 
     def check(self, model: nn.Module, *, eval_value: float, train_value: float | None = None,
               evaluate: Callable[[], Mapping[str, float] | float], batches: Iterable[Any] | Callable[[], Iterable[Any]],
@@ -108,11 +106,8 @@ class AutoRecalibrate(Hook):
                      batches: Iterable[Any], accelerator: Any, **how: Any) -> Decision:
         started = time.perf_counter()
         previous = saved_statistics(model)
-        report = recalibrate(model, batches, tolerance=self.tolerance, num_samples=self.num_samples,
-                             accelerator=accelerator, include_frozen=self.include_frozen, progress=False, **how)
-        if (why_not := nothing_recalibrated(report)) is not None:  # statistics as they were: nothing to judge
-            self._warn_once("nothing", f"AutoRecalibrate recalibrated nothing in {type(model).__name__}: "
-                            f"{why_not}; include_frozen=True recalibrates frozen layers too")
+        report, why_not = self._recalibrate_statistics(model, batches, accelerator=accelerator, **how)
+        if why_not is not None:  # statistics as they were: nothing to judge
             return decision.noted(f"nothing recalibrated: {why_not}", wants_recalibration=False,
                                   seconds=time.perf_counter() - started)
         try:
@@ -131,14 +126,14 @@ class AutoRecalibrate(Hook):
                        seconds=time.perf_counter() - started, eval_metrics=metrics)
 
     # ---- the hook ----------------------------------------------------------------------------------
+    @property
+    def needs_train_batches(self) -> bool:
+        return not self.report_only
+
     def on_fit_start(self, state: State) -> None:
         if not state.has_evaluation:
             raise ValueError(f"AutoRecalibrate needs evaluation: {state.evaluation_hint}")
-        if not state.has_train_batches and not self.report_only:
-            raise ValueError(f"AutoRecalibrate needs training batches to recalibrate on: {NO_TRAIN_BATCHES}")
-
-    def on_step_end(self, state: State) -> None:
-        self._frozen.observe(state)
+        super().on_fit_start(state)
 
     def on_eval_end(self, state: State) -> None:
         eval_key, train_key = f"eval_{self.monitor}", f"train_{self.train_monitor}"
@@ -149,7 +144,7 @@ class AutoRecalibrate(Hook):
                             f"AutoRecalibrate compares {eval_key} with {train_key}, but the loop gave no {train_key} "
                             f"(train metrics: {sorted(state.train_metrics)}): only falls below the best are "
                             f"detected; fire TRAIN_EPOCH_END with train_metrics={{'{train_key}': ...}}")
-        model, frozen = recalibration_target(self.target, state, self._frozen)
+        model, frozen = self._target(state)
         decision = self.check(model, eval_value=state.eval_metrics[eval_key],
                               train_value=state.train_metrics.get(train_key), evaluate=state.evaluate,
                               batches=state.train_batches, accelerator=state.accelerator,

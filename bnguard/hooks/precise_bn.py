@@ -8,18 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils.console import WarnOnce
-from .recalibrating import FrozenDuringTraining, Target, nothing_recalibrated, recalibration_target
-from .base import Hook
 from ..recalibration.isolation import restore_statistics, saved_statistics
-from ..recalibration.recalibrate import recalibrate
+from ..utils.validation import positive_int
 from .record_keys import RecordKeys
-from .state import NO_TRAIN_BATCHES, State
-from .recalibrating import HOOK_TOLERANCE
-from ..utils.validation import fraction, positive_int
+from .recalibrating import HOOK_TOLERANCE, RecalibratingHook, Target
+from .state import State
 
 
-class PreciseBN(Hook):
+class PreciseBN(RecalibratingHook):
     """Recalibrates the BatchNorm statistics before every ``every_n_evals``-th evaluation (at EVAL_START), so
     that those evaluations see statistics estimated for the weights being evaluated: on training samples until
     every layer's error bound is within ``tolerance`` (see :func:`~bnguard.recalibrate`), at most
@@ -43,30 +39,24 @@ class PreciseBN(Hook):
     ``monitor=None`` skips the check, which costs one evaluation per run.
     """
 
-    acts_at_evaluation = writes_decisions = reevaluation_optional = True
+    reevaluation_optional = True
 
     def __init__(self, every_n_evals: int = 1, *, tolerance: float | None = HOOK_TOLERANCE, num_samples: int = 4096,
                  include_frozen: bool = False, target: Target = None, monitor: str | None = "auto",
                  higher_is_better: bool | None = None, margin: float = 0.05):
+        super().__init__(tolerance=tolerance, num_samples=num_samples, include_frozen=include_frozen, target=target)
         self.every_n_evals = positive_int("every_n_evals", every_n_evals)
-        self.tolerance = fraction("tolerance", tolerance, optional=True)
-        self.num_samples = positive_int("num_samples", num_samples)
-        self.include_frozen, self.target, self._frozen = include_frozen, target, FrozenDuringTraining()
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
             raise ValueError(f"margin must be a number >= 0 (in the units of the metric checked), got {margin!r}")
-        self.monitor, self.higher_is_better, self.margin = monitor, higher_is_better, margin
+        self.monitor = monitor
+        self.higher_is_better = higher_is_better
+        self.margin = margin
         self.reevaluates = monitor is not None
-        self.evaluations, self.checked = 0, monitor is None
+        self.evaluations = 0
+        self.checked = monitor is None
         self._outcome: dict[str, Any] = {}
         self._replaced: tuple[nn.Module, dict[torch.Tensor, torch.Tensor]] | None = None
-        self._started, self._warn_once = False, WarnOnce()
-
-    def on_fit_start(self, state: State) -> None:
-        if not state.has_train_batches:
-            raise ValueError(f"PreciseBN needs training batches to recalibrate on: {NO_TRAIN_BATCHES}")
-
-    def on_step_end(self, state: State) -> None:
-        self._frozen.observe(state)
+        self._started = False
 
     def on_eval_start(self, state: State) -> None:
         self._started = True
@@ -76,22 +66,16 @@ class PreciseBN(Hook):
                              RecordKeys.REASON: f"not scheduled: every {self.every_n_evals} evaluations"}
             return
         started = time.perf_counter()
-        model, frozen = recalibration_target(self.target, state, self._frozen)
+        model, frozen = self._target(state)
         if not self.checked:
             self._replaced = (model, saved_statistics(model))
-        report = recalibrate(model, state.train_batches(), tolerance=self.tolerance, num_samples=self.num_samples,
-                             accelerator=state.accelerator, frozen=frozen, forward=state.forward,
-                             include_frozen=self.include_frozen, progress=False)
-        seconds = time.perf_counter() - started
-        why_not = nothing_recalibrated(report)
-        self._outcome = {RecordKeys.RECALIBRATED: why_not is None, RecordKeys.SECONDS: seconds,
+        report, why_not = self._recalibrate_statistics(model, state.train_batches(), accelerator=state.accelerator,
+                                                       frozen=frozen, forward=state.forward)
+        self._outcome = {RecordKeys.RECALIBRATED: why_not is None, RecordKeys.SECONDS: time.perf_counter() - started,
                          RecordKeys.SAMPLES: report.samples if why_not is None else 0,
                          RecordKeys.REASON: self._schedule() if why_not is None else f"nothing recalibrated: {why_not}"}
-        if why_not is not None:
-            self._warn_once("nothing", f"PreciseBN recalibrated nothing in {type(model).__name__}: {why_not}; "
-                            "include_frozen=True recalibrates frozen layers too")
-            return
-        state.recalibrated(report)
+        if why_not is None:
+            state.recalibrated(report)
 
     def on_eval_end(self, state: State) -> None:
         if not self._started:  # the loop evaluated without announcing it: nothing was recalibrated

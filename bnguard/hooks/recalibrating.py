@@ -1,17 +1,24 @@
-"""What hooks recalibrate: the trained model or another one (averaged weights), and which of its BatchNorm
-layers training leaves alone, so that recalibration leaves them alone too."""
+"""What the recalibrating hooks share: their settings, what they recalibrate (the trained model or another
+one, e.g. averaged weights) and which of its BatchNorm layers training leaves alone, so that recalibration
+leaves them alone too."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..recalibration.batches import Forward
 from ..recalibration.layers import batchnorm_layers, frozen_layers, unwrap_model
+from ..recalibration.recalibrate import recalibrate
 from ..recalibration.report import RecalibrationReport
-from .state import State
+from ..utils.console import WarnOnce
+from ..utils.validation import fraction, positive_int
+from .base import Hook
+from .state import NO_TRAIN_BATCHES, State
 
 # The hooks' default: the largest measured that kept the eval accuracy of a full pass, on the example and
 # on resnet18, with 512 to 640 samples (README, "How the hooks' tolerance was chosen").
@@ -73,3 +80,54 @@ def nothing_recalibrated(report: RecalibrationReport) -> str | None:
     reasons = Counter(layer.skipped for layer in report.layers)
     return f"all {len(report.layers)} BatchNorm layers skipped (" + "; ".join(
         f"{count} {reason}" for reason, count in reasons.items()) + ")"
+
+
+class RecalibratingHook(Hook):
+    """Base of the hooks that recalibrate (:class:`~bnguard.AutoRecalibrate`, :class:`~bnguard.PreciseBN`):
+    their shared settings, the check that there are training batches, the frozen layers' observation at every
+    step, and one recalibration call that warns once when it changes nothing.
+
+    Args:
+        tolerance: stop once every layer's error bound is within it (see :func:`~bnguard.recalibrate`); None
+            takes ``num_samples`` whatever the precision.
+        num_samples: the most training samples one recalibration uses.
+        include_frozen: recalibrate also the BatchNorm layers that were not updating during training.
+        target: another model to recalibrate than the trained one (or a callable giving it), e.g. an EMA copy.
+    """
+
+    acts_at_evaluation = writes_decisions = True
+
+    def __init__(self, *, tolerance: float | None, num_samples: int, include_frozen: bool, target: Target):
+        self.tolerance = fraction("tolerance", tolerance, optional=True)
+        self.num_samples = positive_int("num_samples", num_samples)
+        self.include_frozen = include_frozen
+        self.target = target
+        self._frozen = FrozenDuringTraining()
+        self._warn_once = WarnOnce()
+
+    @property
+    def needs_train_batches(self) -> bool:
+        return True
+
+    def on_fit_start(self, state: State) -> None:
+        if self.needs_train_batches and not state.has_train_batches:
+            raise ValueError(f"{type(self).__name__} needs training batches to recalibrate on: {NO_TRAIN_BATCHES}")
+
+    def on_step_end(self, state: State) -> None:
+        self._frozen.observe(state)
+
+    def _target(self, state: State) -> tuple[nn.Module, list[_BatchNorm]]:
+        return recalibration_target(self.target, state, self._frozen)
+
+    def _recalibrate_statistics(self, model: nn.Module, batches: Iterable[Any], *, accelerator: Any,
+                                frozen: Iterable[nn.Module] | None, forward: Forward | None
+                                ) -> tuple[RecalibrationReport, str | None]:
+        """The report of one recalibration, and why it changed no layer (None when it changed one)."""
+        report = recalibrate(model, batches, tolerance=self.tolerance, num_samples=self.num_samples,
+                             accelerator=accelerator, frozen=frozen, forward=forward,
+                             include_frozen=self.include_frozen, progress=False)
+        why_not = nothing_recalibrated(report)
+        if why_not is not None:
+            self._warn_once("nothing", f"{type(self).__name__} recalibrated nothing in {type(model).__name__}: "
+                            f"{why_not}; include_frozen=True recalibrates frozen layers too")
+        return report, why_not
