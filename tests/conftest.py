@@ -1,7 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The tests import their helpers (tests/_support), the examples and the benchmarks by their own names.
+ROOT = Path(__file__).resolve().parents[1]
+for folder in ("tests/_support", "examples", "benchmarks"):
+    sys.path.insert(0, str(ROOT / folder))
 
 # W&B must never try to reach a server from the tests, nor read a user's settings.
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -1,11 +1,7 @@
 """What the benchmarks print about where they ran."""
 
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_the_loop_overhead_table_names_the_device_the_loop_ran_on():

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-
 # The same test on the CPU and, in the GPU lane (python -m pytest -m gpu), on CUDA.
+SUPPORT = Path(__file__).resolve().parent  # this folder: helpers, setups, scripts run in their own processes
+ROOT = SUPPORT.parents[1]  # the repository
+EXAMPLES = ROOT / "examples"
+
+
+def support_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's own process: this folder and the examples importable, as in the tests."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(EXAMPLES)]), **extra}
+
+
 ON_EACH_DEVICE = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 
 
@@ -103,6 +115,27 @@ def tiny_resnet(classes: int = 4, width: int = 4, dropout: float = 0.0) -> nn.Mo
     )
 
 
+def resnet18_with_dropout() -> nn.Module:
+    model = torchvision.models.resnet18(num_classes=10)
+    model.layer2 = nn.Sequential(nn.Dropout(0.3), model.layer2)
+    model.layer4 = nn.Sequential(nn.Dropout2d(0.2), model.layer4)
+    return model
+
+
+class OwnForwardBatchNorm(nn.BatchNorm2d):
+    """A subclass with a forward of its own, which recalibration feeds through a pre-hook at momentum 1."""
+
+    def forward(self, input):
+        return super().forward(input)
+
+
+def with_own_forward(model):
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = OwnForwardBatchNorm
+    return model
+
+
 def _then_leave_the_group(fn, *args):
     """fn(*args), then the process group is left before the process exits: one that exits still joined can
     abort while gloo's threads are torn down ("terminate called without an active exception")."""
@@ -155,8 +188,9 @@ def toy_data(n: int = 24, classes: int = 4, seed: int = 0, size: int = 8):
 
 
 def toy_loop(tmp_path, hooks=(), epochs=2, batch_size=4, n_train=24, n_eval=10, dropout=0.0, **kwargs):
-    import bnguard
     from torch.utils.data import DataLoader
+
+    import bnguard
 
     torch.manual_seed(0)
     model = tiny_resnet(dropout=dropout)

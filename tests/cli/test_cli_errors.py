@@ -9,11 +9,11 @@ import torch
 
 import bnguard
 from bnguard.cli import BAD_INPUT, main
-from cli_setup import ROOT, run_bnguard
+from cli_setup import ROOT, TINY_RESNET, run_bnguard
 from helpers import tiny_resnet
 
-MODEL = ("--model", "tests/helpers.py:tiny_resnet")
-TOY_DATA = ("--data", "tests/cli_setup.py:loaders", "--tolerance", "off")
+MODEL = TINY_RESNET
+TOY_DATA = ("--data", "tests/_support/cli_setup.py:loaders", "--tolerance", "off")
 
 
 @pytest.fixture
@@ -32,35 +32,35 @@ def fails(capsys, *argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "tests/helpers.py:tiny_resnet", "--model-kwargs", '{"width": 8}'],
+    ([*MODEL, "--model-kwargs", '{"width": 8}'],
      r"does not match the model: 0.weight has shape \[4, 1, 3, 3\] in the checkpoint, the model's 0.weight has "
      r"\[8, 1, 3, 3\]; check --model / --model-kwargs"),
     (["--model", "examples/models.py:SeedNet", "--model-kwargs", '{"num_classes": 4, "width": 4, "in_channels": 1}'],
      "holds none of the model's keys \\(e.g. stem.0.weight\\): check --model / --model-kwargs, or --target averaged"),
-    (["--model", "tests/helpers.py:tiny_resnet", "--target", "averaged"],
+    ([*MODEL, "--target", "averaged"],
      r"holds no AveragedModel state \(n_averaged and module.\* keys\)"),
-    (["--model", "tests/cli_setup.py:no_batchnorm"], "does not match the model: not in the model: 0.weight, "
+    (["--model", "tests/_support/cli_setup.py:no_batchnorm"], "does not match the model: not in the model: 0.weight, "
      r"1.running_mean, 1.running_var \(and 1 more\); check --model"),
-    (["--model", "tests/helpers.py:tiny_resnet", "--model-kwargs", "{width: 8}"], "--model-kwargs is not valid JSON"),
-    (["--model", "tests/helpers.py:tiny_resnet", "--model-kwargs", "[8]"], "must be a JSON object"),
-    (["--model", "tests/helpers.py:tiny_resnet", "--model-kwargs", '{"depth": 3}'],
+    ([*MODEL, "--model-kwargs", "{width: 8}"], "--model-kwargs is not valid JSON"),
+    ([*MODEL, "--model-kwargs", "[8]"], "must be a JSON object"),
+    ([*MODEL, "--model-kwargs", '{"depth": 3}'],
      "calling tiny_resnet with {'depth': 3} failed .*unexpected keyword argument 'depth'"),
     (["--model", "torchvision:resnet1800"], "torchvision has no model 'resnet1800'"),
     (["--model", "no_such_package.models:Net"], "cannot import no_such_package.models"),
-    (["--model", "tests/helpers.py:TinyNet"], "tests/helpers.py has no TinyNet"),
+    (["--model", "tests/_support/helpers.py:TinyNet"], "tests/_support/helpers.py has no TinyNet"),
     (["--model", "resnet18"], "--model resnet18: give torchvision's model as --model torchvision:resnet18"),
     (["--model", "mynet"], "expected package.module:name or path/to/file.py:name"),
     ([*MODEL, "--data", "tests", "--out", "x.pt"], "--data tests: give a folder of images as --data imagefolder:tests"),
     ([], "which network does .* hold\\? give it with --model torchvision:NAME"),
-    ([*MODEL, "--data", "tests/cli_setup.py:loaders", "--data-kwargs", '{"channels": 3}', "--out", "x.pt"],
+    ([*MODEL, "--data", "tests/_support/cli_setup.py:loaders", "--data-kwargs", '{"channels": 3}', "--out", "x.pt"],
      r"the model refused the data: a batch of inputs \[8, 3, 8, 8\], \[8\] gave RuntimeError: .*; check --data, "
      "--image-size and the model's input channels"),
-    ([*MODEL, "--data", "tests/cli_setup.py:no_batchnorm", "--out", "x.pt"], "must return \\(train_loader, "
+    ([*MODEL, "--data", "tests/_support/cli_setup.py:no_batchnorm", "--out", "x.pt"], "must return \\(train_loader, "
      "eval_loader\\) or a dict with 'train' and 'eval' loaders, got Sequential"),
     ([*MODEL, "--data", "imagefolder:/no/such/folder", "--out", "x.pt"], "/no/such/folder does not exist"),
-    ([*MODEL, "--data", "tests/cli_setup.py:loaders", "--data-kwargs", '{"n_train": 0}', "--out", "x.pt"],
-     "--data tests/cli_setup.py:loaders: batches is empty: recalibration needs at least one batch"),
-    ([*MODEL, "--data", "tests/cli_setup.py:loaders", "--data-kwargs", '{"n_eval": 0}', "--out", "x.pt"],
+    ([*MODEL, "--data", "tests/_support/cli_setup.py:loaders", "--data-kwargs", '{"n_train": 0}', "--out", "x.pt"],
+     "--data tests/_support/cli_setup.py:loaders: batches is empty: recalibration needs at least one batch"),
+    ([*MODEL, "--data", "tests/_support/cli_setup.py:loaders", "--data-kwargs", '{"n_eval": 0}', "--out", "x.pt"],
      "the eval split is empty"),
     ([*MODEL, *TOY_DATA, "--device", "gpu", "--out", "x.pt"], "--device 'gpu' is not a device"),
 ])
@@ -118,7 +118,7 @@ def test_a_model_without_batchnorm_is_refused(saved, capsys):
     from cli_setup import no_batchnorm
 
     torch.save(no_batchnorm().state_dict(), saved)
-    code, err = fails(capsys, "recalibrate", saved, "--model", "tests/cli_setup.py:no_batchnorm", *TOY_DATA,
+    code, err = fails(capsys, "recalibrate", saved, "--model", "tests/_support/cli_setup.py:no_batchnorm", *TOY_DATA,
                       "--out", saved.with_name("x.pt"))
     assert code == BAD_INPUT and "Sequential has no BatchNorm layer with running statistics: there is nothing" in err
 

@@ -10,7 +10,6 @@ import bnguard
 from bnguard import AutoRecalibrate, Hook, Verdict
 from helpers import assert_same_tensors, buffers_of, launch_two_processes, tiny_resnet, toy_data, toy_loop
 
-
 STALE, UNEXPLAINED = Verdict.STALE, Verdict.UNEXPLAINED
 
 

@@ -1,10 +1,8 @@
 """The Hugging Face adapter in real Trainers on CPU: reporting integrations read back, best-model selection,
 checkpoints and resume, torchrun on 2 processes."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +14,16 @@ from transformers.modelcard import TrainingSummary
 
 from bnguard import AutoRecalibrate, BNStatsLogger, Hook, PreciseBN, TrainingBatches, Verdict, recalibrate
 from bnguard.integrations.transformers import STATE_FILE, BNGuardCallback
-from helpers import (assert_same_tensors, assert_two_ranks_agree, buffers_of, parameters_of, reevaluating_hook,
-                     without_timings)
+from helpers import (
+    SUPPORT,
+    assert_same_tensors,
+    assert_two_ranks_agree,
+    buffers_of,
+    parameters_of,
+    reevaluating_hook,
+    support_env,
+    without_timings,
+)
 from hf_setup import ImageDicts, tiny_resnet, trainer
 from wandb_log import history, offline_run_dir
 
@@ -167,9 +173,9 @@ def test_a_resumed_training_continues_the_hooks_decisions(tmp_path):
 
 
 def test_two_torchrun_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_path):
-    script = Path(__file__).with_name("hf_two_processes.py")
+    script = SUPPORT / "hf_two_processes.py"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
-    subprocess.run(torchrun, check=True, cwd=script.parent, timeout=300, env={**os.environ, "WANDB_DIR": str(tmp_path)})
+    subprocess.run(torchrun, check=True, cwd=SUPPORT, timeout=300, env=support_env(WANDB_DIR=str(tmp_path)))
     assert_two_ranks_agree(tmp_path, samples=64)  # each rank recalibrates on its own 32
     assert "| Validation Loss |" in (tmp_path / "README.md").read_text()
 

@@ -153,8 +153,8 @@ def test_hook_state_is_checkpointed_under_distinct_keys(tmp_path):
     first, second = Counter(), Counter()
     second.calls = 100
     toy_loop(tmp_path, hooks=[first, second], epochs=1, checkpoint_every_epochs=1).fit()
-    assert (first.state_key, second.state_key) == ("test_hook_state_is_checkpointed_under_distinct_keys.<locals>.Counter#0",
-                                                   "test_hook_state_is_checkpointed_under_distinct_keys.<locals>.Counter#1")
+    counter = "test_hook_state_is_checkpointed_under_distinct_keys.<locals>.Counter"
+    assert (first.state_key, second.state_key) == (f"{counter}#0", f"{counter}#1")
     restored = [Counter(), Counter()]
     toy_loop(tmp_path, hooks=restored, epochs=1).fit(resume_from=tmp_path / "checkpoints" / "epoch-0001")
     assert [h.calls for h in restored] == [6, 106]
@@ -286,7 +286,8 @@ def test_resume_is_bit_identical_with_every_hook_on(tmp_path, device):
     resumed.fit(resume_from="latest")
     assert plain_records(tmp_path / "resumed") == plain_records(tmp_path / "whole")
     assert [r["recal_samples"] > 0 for r in plain_records(tmp_path / "whole")] == [True, False, True, False]
-    overview, uninterrupted = resumed.runner.hooks[0].overview, whole.runner.hooks[0].overview  # its charts' whole history
+    # the overview's charts hold the whole history
+    overview, uninterrupted = resumed.runner.hooks[0].overview, whole.runner.hooks[0].overview
     assert overview.epochs == uninterrupted.epochs and overview.layer_values == uninterrupted.layer_values
     assert [step for step, _ in overview.recalibrations] == [step for step, _ in uninterrupted.recalibrations]
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):

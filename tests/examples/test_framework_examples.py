@@ -1,11 +1,8 @@
 """examples/lightning_train.py and examples/hf_trainer.py end to end, on 2 epochs."""
 
-import sys
-from pathlib import Path
 
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from wandb_log import history, offline_run_dir  # noqa: E402
 
 

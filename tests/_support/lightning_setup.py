@@ -1,8 +1,6 @@
 """A tiny real Lightning setup for the adapter's tests: the seed's network (examples/models.py, narrow) in a
 LightningModule that logs train_* on every step and val_* per epoch, as most LightningModules do."""
 
-import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -10,8 +8,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import toy_data
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import SeedNet
 
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import bnguard
-from bnguard.stats.confidence import sidak_quantile, t_widening, two_sided_t_quantile
-from bnguard.stats.spread import BatchSpread
-from bnguard.stats.moments import pool_batches
 from bnguard.recalibration.stopping import CHECK_GROWTH, CHECK_SPACING, FIRST_CHECK, joint_bounds
+from bnguard.stats.confidence import sidak_quantile, t_widening, two_sided_t_quantile
+from bnguard.stats.moments import pool_batches
+from bnguard.stats.spread import BatchSpread
 from helpers import assert_same_tensors, buffers_of, tiny_resnet
 
 

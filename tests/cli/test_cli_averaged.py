@@ -7,7 +7,7 @@ import json
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from cli_setup import TOY_DATA, assert_repaired, run_bnguard, loaders, report_of, trained
+from cli_setup import TINY_RESNET, TOY_DATA, assert_repaired, loaders, report_of, run_bnguard, trained
 from helpers import tiny_resnet
 
 OFFSET = 10.0
@@ -22,7 +22,7 @@ def test_an_averaged_model_is_repaired_and_its_accuracy_rises(tmp_path):
         averaged.update_parameters(model)
     source, out = tmp_path / "swa.pt", tmp_path / "swa-repaired.pt"
     torch.save({"model": model.state_dict(), "model_ema": averaged.state_dict(), "epoch": 8}, source)
-    done = run_bnguard("recalibrate", source, "--target", "averaged", "--model", "tests/helpers.py:tiny_resnet",
+    done = run_bnguard("recalibrate", source, "--target", "averaged", *TINY_RESNET,
                        *TOY_DATA, "--data-kwargs", json.dumps({"offset": OFFSET, "n_eval": 96}), "--out", out)
     assert done.returncode == 0, done.stderr
     report = report_of(out)
@@ -39,6 +39,7 @@ def test_an_averaged_model_is_repaired_and_its_accuracy_rises(tmp_path):
 def test_lightnings_weight_averaging_checkpoint_gives_the_average_and_the_trained_model(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+
     from lightning_setup import Classifier
 
     torch.manual_seed(0)
@@ -49,7 +50,7 @@ def test_lightnings_weight_averaging_checkpoint_gives_the_average_and_the_traine
                          callbacks=[WeightAveraging(use_buffers=False), ModelCheckpoint(tmp_path, save_last=True)])
     trainer.fit(module, train, evaluation)
     source, out = tmp_path / "last.ckpt", tmp_path / "repaired.ckpt"
-    lightning_module = ("--model", "tests/lightning_setup.py:Classifier", "--data-kwargs", '{"size": 16}')
+    lightning_module = ("--model", "tests/_support/lightning_setup.py:Classifier", "--data-kwargs", '{"size": 16}')
     trained_model = run_bnguard("inspect", source, *lightning_module)
     assert trained_model.returncode == 0 and "from last.ckpt['current_model_state']" in trained_model.stdout
     done = run_bnguard("recalibrate", source, "--target", "averaged", *lightning_module, *TOY_DATA, "--out", out,
@@ -81,7 +82,7 @@ def test_an_averaged_model_registered_in_a_loop_checkpoint_is_repaired_and_resum
     loop, average = loop_with_average(tmp_path / "run")
     loop.fit()
     source, out = tmp_path / "run" / "checkpoints" / "epoch-0002", tmp_path / "repaired"
-    done = run_bnguard("recalibrate", source, "--target", "averaged", "--model", "tests/helpers.py:tiny_resnet",
+    done = run_bnguard("recalibrate", source, "--target", "averaged", *TINY_RESNET,
                        *TOY_DATA, "--out", out, "--force")
     assert done.returncode == 0, done.stderr
     assert report_of(out)["location"] == "custom_checkpoint_3.pkl, keys module.*"

@@ -50,5 +50,6 @@ def training_args(tmp_path, epochs: int = 3, report_to="none", **kwargs):
 
 def trainer(tmp_path, callbacks, model=None, train=None, evaluation=None, compute_metrics=accuracy, **kwargs):
     return transformers.Trainer(model=model or tiny_resnet(), args=training_args(tmp_path, **kwargs),
-                                train_dataset=train or ImageDicts(32), eval_dataset=evaluation or ImageDicts(16, seed=1),
+                                train_dataset=train or ImageDicts(32),
+                                eval_dataset=evaluation or ImageDicts(16, seed=1),
                                 compute_metrics=compute_metrics, callbacks=callbacks)

@@ -1,6 +1,4 @@
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +7,6 @@ import bnguard
 from bnguard import Event, Hook
 from helpers import ON_EACH_DEVICE, launch_two_processes, tiny_resnet, toy_data
 from wandb_log import history, offline_run_dir
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 class Log(Hook):

@@ -2,12 +2,11 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torchmetrics
-import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -15,8 +14,16 @@ from torch import nn
 
 from bnguard import AutoRecalibrate, BNStatsLogger, Hook, PreciseBN, TrainingBatches, Verdict, recalibrate
 from bnguard.integrations.lightning import BNGuardCallback
-from helpers import (assert_same_tensors, assert_two_ranks_agree, buffers_of, parameters_of, reevaluating_hook,
-                     without_timings)
+from helpers import (
+    SUPPORT,
+    assert_same_tensors,
+    assert_two_ranks_agree,
+    buffers_of,
+    parameters_of,
+    reevaluating_hook,
+    support_env,
+    without_timings,
+)
 from lightning_setup import Classifier, loaders, memorizing_loaders, trainer
 from wandb_log import history, offline_run_dir
 
@@ -156,8 +163,8 @@ def test_a_resumed_fit_continues_the_hooks_decisions(tmp_path):
 
 
 def test_two_ddp_processes_agree_bit_for_bit_and_only_rank_zero_logs(tmp_path):
-    script = Path(__file__).with_name("lightning_two_processes.py")
-    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=script.parent, timeout=300,
+    script = SUPPORT / "lightning_two_processes.py"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=SUPPORT, timeout=300, env=support_env(),
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "could not summarize" not in run.stderr  # the layer table saw the model's own first input

@@ -1,26 +1,21 @@
-"""What the command-line tests hand to ``bnguard``: data factories (given as tests/cli_setup.py:NAME) and a
+"""What the command-line tests hand to ``bnguard``: data factories (given as tests/_support/cli_setup.py:NAME) and a
 way to run the command as a user would, in its own process."""
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnguard
-from helpers import buffers_of, parameters_of, toy_data
+from helpers import ROOT, buffers_of, parameters_of, support_env, toy_data
 
-TOY_DATA = ("--data", "tests/cli_setup.py:loaders", "--tolerance", "off")
-
-ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-
+TOY_DATA = ("--data", "tests/_support/cli_setup.py:loaders", "--tolerance", "off")
+TINY_RESNET = ("--model", "tests/_support/helpers.py:tiny_resnet")
 
 def loaders(size: int = 8, n_train: int = 48, n_eval: int = 24, batch_size: int = 8, offset: float = 0.0,
             train_shift: float = 0.0, train_scale: float = 1.0, channels: int = 1, random_labels: bool = False):
@@ -66,7 +61,7 @@ def lazy_net(channels: int = 4):
 
 def run_bnguard(*args, cwd=ROOT, launcher=(sys.executable, "-m", "bnguard")):
     """The command line in a new process, from the repository root; returns the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = support_env(OMP_NUM_THREADS="1")
     return subprocess.run([*launcher, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import bnguard
-from cli_setup import run_bnguard, loaders, trained
+from cli_setup import TINY_RESNET, TOY_DATA, loaders, run_bnguard, trained
 from helpers import buffers_of, parameters_of, tiny_resnet
 
 
@@ -20,8 +20,7 @@ def test_two_processes_merge_to_the_statistics_of_all_their_batches(tmp_path, mo
     torch.save(model.state_dict(), source)
     torchrun = (str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
                 "-m", "bnguard")
-    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", "--data",
-                       "tests/cli_setup.py:loaders", "--tolerance", "off", "--device", "cpu", "--out", out, "--force",
+    done = run_bnguard("recalibrate", source, *TINY_RESNET, *TOY_DATA, "--device", "cpu", "--out", out, "--force",
                        launcher=torchrun)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("with the stored statistics") == 1  # the main process speaks for both

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bnguard.utils.manifest import verify_checkpoint
-from cli_setup import TOY_DATA, assert_repaired, run_bnguard, dict_loaders, loaders, report_of, trained
+from cli_setup import TINY_RESNET, TOY_DATA, assert_repaired, dict_loaders, loaders, report_of, run_bnguard, trained
 from helpers import ON_EACH_DEVICE, tiny_resnet, toy_loop
 
 
@@ -21,7 +21,7 @@ def test_a_state_dict_file_is_repaired_in_its_own_format(tmp_path, suffix, devic
     else:
         from safetensors.torch import save_file
         save_file(model.state_dict(), str(source), metadata={"format": "pt"})
-    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, "--out", out,
+    done = run_bnguard("recalibrate", source, *TINY_RESNET, *TOY_DATA, "--out", out,
                        "--force", "--device", device)
     assert done.returncode == 0, done.stderr
     if suffix == ".pt":
@@ -45,7 +45,7 @@ def test_a_loop_checkpoint_is_repaired_verified_and_resumed_by_the_loop(tmp_path
     source, out = tmp_path / "run" / "checkpoints" / "epoch-0002", tmp_path / "repaired"
     original = tiny_resnet()
     original.load_state_dict(load_safetensors(source / "model.safetensors"))
-    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, "--out", out,
+    done = run_bnguard("recalibrate", source, *TINY_RESNET, *TOY_DATA, "--out", out,
                        "--force")
     assert done.returncode == 0, done.stderr
     verify_checkpoint(out)  # the manifest was rewritten for the new model file
@@ -63,12 +63,13 @@ def load_safetensors(path):
 
 
 @pytest.mark.parametrize("model_spec, keys", [
-    (["--model", "tests/lightning_setup.py:Classifier"], "(no prefix)*"),
+    (["--model", "tests/_support/lightning_setup.py:Classifier"], "(no prefix)*"),
     (["--model", "examples/models.py:SeedNet", "--model-kwargs", '{"num_classes": 4, "width": 4, "in_channels": 1}'],
      "net.*"),
 ], ids=["lightning-module", "inner-network"])
 def test_a_lightning_checkpoint_is_repaired_and_loads_back_in_lightning(tmp_path, model_spec, keys):
     import lightning.pytorch as pl
+
     from lightning_setup import Classifier
 
     torch.manual_seed(0)
@@ -79,7 +80,7 @@ def test_a_lightning_checkpoint_is_repaired_and_loads_back_in_lightning(tmp_path
     trainer.fit(module, train, evaluation)
     source, out = tmp_path / "last.ckpt", tmp_path / "repaired.ckpt"
     trainer.save_checkpoint(source)
-    done = run_bnguard("recalibrate", source, *model_spec, "--data", "tests/cli_setup.py:loaders",
+    done = run_bnguard("recalibrate", source, *model_spec, "--data", "tests/_support/cli_setup.py:loaders",
                        "--data-kwargs", '{"size": 16}', "--tolerance", "off", "--out", out, "--force")
     assert done.returncode == 0, done.stderr
     loaded = Classifier.load_from_checkpoint(out, width=4)
@@ -94,6 +95,7 @@ def test_a_lightning_checkpoint_is_repaired_and_loads_back_in_lightning(tmp_path
                          ids=["from-config", "class-given"])
 def test_a_hugging_face_folder_is_repaired_and_loads_with_from_pretrained(tmp_path, model_option):
     import transformers
+
     from hf_setup import tiny_resnet as hf_resnet
 
     model = hf_resnet()
@@ -103,7 +105,7 @@ def test_a_hugging_face_folder_is_repaired_and_loads_with_from_pretrained(tmp_pa
             model(**batch)  # statistics tracked by momentum, as training would leave them
     source, out = tmp_path / "model", tmp_path / "repaired"
     model.save_pretrained(source)
-    done = run_bnguard("recalibrate", source, *model_option, "--data", "tests/cli_setup.py:dict_loaders",
+    done = run_bnguard("recalibrate", source, *model_option, "--data", "tests/_support/cli_setup.py:dict_loaders",
                        "--tolerance", "off", "--out", out, "--force")
     assert done.returncode == 0, done.stderr
     assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
@@ -118,14 +120,14 @@ def test_a_repair_that_lowers_eval_accuracy_is_not_written(tmp_path):
     source, out = tmp_path / "model.pt", tmp_path / "repaired.pt"
     torch.save(model.state_dict(), source)
     unlike_eval = ("--data-kwargs", '{"train_scale": 4.0, "train_shift": 3.0}')
-    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, *unlike_eval,
+    done = run_bnguard("recalibrate", source, *TINY_RESNET, *TOY_DATA, *unlike_eval,
                        "--out", out)
     assert done.returncode == 3, done.stderr
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
     report = report_of(out)
     assert not report["written"] and report["after"]["accuracy"] < report["before"]["accuracy"]
     assert "not written" in done.stdout and "--force" in done.stdout
-    forced = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, *unlike_eval,
+    forced = run_bnguard("recalibrate", source, *TINY_RESNET, *TOY_DATA, *unlike_eval,
                          "--out", out, "--force")
     assert forced.returncode == 0 and out.exists() and report_of(out)["written"]
 
@@ -135,7 +137,7 @@ def test_inspect_shows_the_statistics_and_writes_nothing(tmp_path):
     model = trained(tiny_resnet())
     source = tmp_path / "model.pt"
     torch.save(model.state_dict(), source)
-    done = run_bnguard("inspect", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA)
+    done = run_bnguard("inspect", source, *TINY_RESNET, *TOY_DATA)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     layer = model[1]  # the first BatchNorm layer, named "1", with 4 channels
@@ -151,7 +153,7 @@ def test_data_unlike_training_are_said_and_not_written(tmp_path):
     source, out = tmp_path / "model.pt", tmp_path / "repaired.pt"
     torch.save(trained(tiny_resnet()).state_dict(), source)
     unlike = ("--data-kwargs", '{"random_labels": true, "n_eval": 400}')
-    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, *unlike,
+    done = run_bnguard("recalibrate", source, *TINY_RESNET, *TOY_DATA, *unlike,
                        "--out", out)
     assert done.returncode == 4, done.stderr
     assert "the data look unlike the training data: the model scores at chance (25% for 4 classes)" in done.stdout
@@ -160,7 +162,7 @@ def test_data_unlike_training_are_said_and_not_written(tmp_path):
     report = report_of(out)
     assert not report["written"] and report["unlike_training"].startswith("the model scores at chance")
     assert max(report["before"]["accuracy"], report["after"]["accuracy"]) <= 0.375
-    forced = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", *TOY_DATA, *unlike,
+    forced = run_bnguard("recalibrate", source, *TINY_RESNET, *TOY_DATA, *unlike,
                          "--out", out, "--force")
     assert forced.returncode == 0 and out.exists() and report_of(out)["written"]
     assert "written although the data look unlike training (--force)" in forced.stdout
@@ -198,8 +200,8 @@ def test_a_tolerance_the_data_cannot_meet_is_said_with_what_would_meet_it(tmp_pa
     torch.manual_seed(0)
     source, out = tmp_path / "model.pt", tmp_path / "repaired.pt"
     torch.save(trained(tiny_resnet()).state_dict(), source)
-    done = run_bnguard("recalibrate", source, "--model", "tests/helpers.py:tiny_resnet", "--data",
-                       "tests/cli_setup.py:loaders", "--tolerance", "0.01", "--out", out, "--force")
+    done = run_bnguard("recalibrate", source, *TINY_RESNET, "--data",
+                       "tests/_support/cli_setup.py:loaders", "--tolerance", "0.01", "--out", out, "--force")
     assert done.returncode == 0, done.stderr
     report = report_of(out)
     bound = report["recalibration"]["error_bound"]

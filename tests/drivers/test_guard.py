@@ -9,8 +9,15 @@ from torch.utils.data import DataLoader
 
 import bnguard
 from bnguard.hooks.overview import Overview
-from helpers import (ON_EACH_DEVICE, assert_same_tensors, buffers_of, launch_two_processes, parameters_of, tiny_resnet,
-                     toy_data)
+from helpers import (
+    ON_EACH_DEVICE,
+    assert_same_tensors,
+    buffers_of,
+    launch_two_processes,
+    parameters_of,
+    tiny_resnet,
+    toy_data,
+)
 
 
 def stale_model(dropout=0.3):

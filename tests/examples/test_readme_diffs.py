@@ -1,13 +1,12 @@
 """The README's own-loop diffs run as written, before and after, and add at most six lines each."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_same_tensors, launch_two_processes, parameters_of, without_timings
+from helpers import ROOT, assert_same_tensors, launch_two_processes, parameters_of, without_timings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def readme_diff(name: str) -> list[str]:

@@ -17,8 +17,6 @@ SEEDNET = ("--model", "examples/models.py:SeedNet", "--model-kwargs",
 
 
 def seednet(channels):
-    import sys
-    sys.path.insert(0, str(ROOT / "examples"))
     from models import SeedNet
     torch.manual_seed(0)
     return SeedNet(10, width=4, in_channels=channels)
@@ -101,11 +99,11 @@ def test_a_model_file_with_its_own_dataclass_and_lazy_layers_is_loaded(tmp_path,
     model(next(iter(loaders()[0]))[0])  # materialized, statistics tracked once
     source, report = tmp_path / "lazy.pt", tmp_path / "inspect.json"
     torch.save(model.state_dict(), source)
-    assert main(["inspect", str(source), "--model", "tests/cli_setup.py:lazy_net", "--report", str(report)]) == 0
+    lazy = ("--model", "tests/_support/cli_setup.py:lazy_net")
+    assert main(["inspect", str(source), *lazy, "--report", str(report)]) == 0
     layer = json.loads(report.read_text())["statistics"][0]
     assert layer["channels"] == 4 and layer["batches_tracked"] == 1
     assert layer["mean_of_var"] == pytest.approx(model[1].running_var.double().mean().item(), rel=1e-12)
     out = tmp_path / "repaired.pt"
-    assert main(["recalibrate", str(source), "--model", "tests/cli_setup.py:lazy_net", *TOY_DATA, "--out", str(out),
-                 "--force"]) == 0
+    assert main(["recalibrate", str(source), *lazy, *TOY_DATA, "--out", str(out), "--force"]) == 0
     assert torch.load(out, weights_only=True)["1.num_batches_tracked"] == 6  # six batches pooled

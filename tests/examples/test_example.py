@@ -2,14 +2,12 @@
 
 import json
 import re
-import sys
 import urllib.error
 from pathlib import Path
 
 import pytest
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from helpers import launch_two_processes  # noqa: E402
 from wandb_log import history, offline_run_dir  # noqa: E402
 
@@ -83,6 +81,7 @@ def test_missing_data_directory_is_named(tmp_path, dataset):
 
 def test_cifar10_that_cannot_be_downloaded_says_which_file_to_put_where(tmp_path, monkeypatch):
     import torchvision.datasets.cifar
+
     from train import main
 
     def offline(*args, **kwargs):

@@ -28,7 +28,8 @@ def _recalibrate_on_each_rank(out_dir: str, sync: bool):
     model = make_model(sync)
     if not sync:  # DDP refuses SyncBatchNorm on CPU; the layers themselves must still work here
         model = accelerator.prepare(model)
-    report = bnguard.recalibrate(model, rank_batches(accelerator.process_index), accelerator=accelerator, progress=False)
+    batches = rank_batches(accelerator.process_index)
+    report = bnguard.recalibrate(model, batches, accelerator=accelerator, progress=False)
     buffers = {k: v.clone() for k, v in accelerator.unwrap_model(model).named_buffers()}
     torch.save({"buffers": buffers, "batches": report.batches, "samples": report.samples},
                f"{out_dir}/rank{accelerator.process_index}.pt")
