@@ -6,9 +6,9 @@ each set of hooks, from the same initial weights. A hook's cost in an epoch is t
 Guard's calls less the one evaluation the loop runs anyway (so a recalibration, an evaluation run again after
 it and the histograms count; the loop's own evaluation does not); its share is that cost over the rest of the
 epoch. "The hooks alone" takes the Guard's own share (its counting of train loss and accuracy at every step,
-the "Guard, no hooks" row) out of it. The first epoch holds the one-time work (PreciseBN's check of its first recalibration, the layer
-table of BNStatsLogger); the later epochs show what every epoch of a long run costs. The runs alternate in
-order between repeats, and the table gives medians.
+the "Guard, no hooks" row) out of it. The first epoch holds the one-time work (PreciseBN's check of its first
+recalibration, the layer table of BNStatsLogger); the later epochs show what every epoch of a long run costs.
+The runs alternate in order between repeats, and the table gives medians.
 
 - "Guard, no hooks": counting train loss and accuracy, firing events.
 - "PreciseBN": recalibrates before every evaluation, at the hooks' default tolerance (the example's

@@ -3,8 +3,9 @@ with bnguard's callback (an empty hook list), on the same data from the same wei
 
 Lightning trains the example's SeedNet (width 16), Hugging Face transformers' ResNet from examples/hf_trainer.py,
 both on digits at 32x32, batch 32, evaluating every epoch. Bare and adapter runs alternate so that machine
-noise hits both alike (each goes first every other time); only fit() / train() is timed, and the time spent inside the adapter's event methods
-is measured directly as well, since whole-run differences of a percent or two are this machine's noise.
+noise hits both alike (each goes first every other time); only fit() / train() is timed, and the time spent
+inside the adapter's event methods is measured directly as well, since whole-run differences of a percent or
+two are this machine's noise.
 Prints one table.
 
     python benchmarks/integration_overhead.py [--epochs 3] [--repeats 5]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from ..utils.validation import fraction
 from .forms import AVERAGED, DATA_FORMS, MODEL, MODEL_FORMS, normalization

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from ..utils.manifest import MANIFEST, CheckpointError, verify_checkpoint, write_manifest
-from ..utils.manifest import RECORDS_COPY
+from ..utils.manifest import MANIFEST, RECORDS_COPY, CheckpointError, verify_checkpoint, write_manifest
 from .errors import InputError
 
 LOOP, LIGHTNING, HF, STATE_DICT = "bnguard Loop checkpoint", "Lightning checkpoint", "Hugging Face folder", "state dict"

@@ -17,6 +17,7 @@ from .errors import InputError
 from .forms import IMAGENET
 from .specs import call, load_object
 
+
 @dataclass
 class Data:
     """Fresh iterables of this process's training and eval batches on every call."""

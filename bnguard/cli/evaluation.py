@@ -9,11 +9,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..recalibration.batches import default_forward, to_device
+from ..recalibration.batches import accuracy, batch_targets, default_forward, logits_of, to_device
+from ..recalibration.isolation import preserved_modes
 from ..utils.console import show_progress
 from ..utils.distributed import sum_over_processes
-from ..recalibration.isolation import preserved_modes
-from ..recalibration.batches import accuracy, batch_targets, logits_of
 from .errors import InputError
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from ..utils.console import text_table
 from ..recalibration.layers import batchnorm_layers, tracks_statistics
+from ..utils.console import text_table
 
 
 def layer_statistics(model: nn.Module) -> list[dict[str, Any]]:

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..hooks.events import Event
-from .runner import HookRunner
 from .records import plain
+from .runner import HookRunner
 from .train_counts import TrainCounts
 
 

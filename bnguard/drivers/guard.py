@@ -22,20 +22,19 @@ import torch
 from torch import nn
 
 from ..hooks.auto_recalibrate import AutoRecalibrate
-from .training_batches import hook_batches
+from ..hooks.base import Hook
 from ..hooks.bn_stats import BNStatsLogger
+from ..hooks.events import Event
+from ..hooks.trackers import Trackers
+from ..recalibration.batches import Forward, accuracy
 from ..utils.console import WarnOnce
 from .epoch_events import EpochEvents
 from .eval_metrics import Metrics, eval_metrics, in_given_shape
-from ..hooks.events import Event
-from .runner import HookRunner
-from ..hooks.base import Hook
 from .metrics import Metric
-from ..recalibration.batches import accuracy
 from .records import plain
-from ..recalibration.batches import Forward
-from ..hooks.trackers import Trackers
+from .runner import HookRunner
 from .train_counts import TrainCounts
+from .training_batches import hook_batches
 
 
 class Guard:

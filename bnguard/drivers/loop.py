@@ -16,24 +16,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .training_batches import hook_batches
-from ..recalibration.batches import default_forward
-from ..recalibration.batches import Forward
-from ..hooks.state import State
-from .checkpoint import Checkpoints, records_copy, resolve_checkpoint
-from ..utils.console import show_progress
-from ..hooks.events import Event
-from .runner import HookRunner, checked_hooks
 from ..hooks.base import Hook
+from ..hooks.events import Event
+from ..hooks.state import State
+from ..recalibration.batches import Forward, accuracy, batch_targets, default_forward, logits_of
 from ..recalibration.layers import frozen_the_finetuning_way, train_keeping_frozen
+from ..utils.console import show_progress
+from ..utils.validation import positive_int
+from .checkpoint import Checkpoints, records_copy, resolve_checkpoint
 from .metrics import Metric, MetricSums, NonFiniteLossError, evaluate_classifier
-from ..recalibration.batches import accuracy, batch_targets, logits_of
 from .records import RecordWriter
 from .run_dir import shared_output_dir
+from .runner import HookRunner, checked_hooks
 from .schedule import Schedule
 from .tracker_setup import finish, start_trackers, tracker_names
 from .train_step import ComputeLoss, TrainStep, loss_of
-from ..utils.validation import positive_int
+from .training_batches import hook_batches
 
 
 class Loop:

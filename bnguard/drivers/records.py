@@ -13,7 +13,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
-
 class RecordWriter:
     """Appends one JSON line per epoch to ``metrics.jsonl`` on the main process, and echoes it on the
     console (above the progress bar, when one shows the run). :attr:`records` holds what was written, for the copy each

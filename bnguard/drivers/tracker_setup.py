@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-
 TRACKER_CHOICES = ("wandb", "tensorboard", "all", "none")
 WANDB_RUN_ID = "wandb-run-id"  # in the output folder: the W&B run a resumed run continues
 

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 
-from ..recalibration.batches import batch_size
+from ..recalibration.batches import accuracy, batch_size, batch_targets, logits_of
 from ..utils.distributed import process_info
 from .metrics import Metric, MetricSums
-from ..recalibration.batches import accuracy, batch_targets, logits_of
 
 PERCENT = 100.0
 

@@ -9,7 +9,6 @@ import torch
 
 from ..recalibration.batches import batch_targets, logits_of
 
-
 ComputeLoss = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, Any]"]
 
 

@@ -17,10 +17,9 @@ from ..recalibration.probe import Score, probe
 from ..utils.console import WarnOnce
 from ..utils.validation import positive_int
 from .policy import Decision, DivergencePolicy
-from .record_keys import RecordKeys
 from .recalibrating import HOOK_TOLERANCE, RecalibratingHook, Target
+from .record_keys import RecordKeys
 from .state import State
-
 
 _OTHER_MODEL = ("AutoRecalibrate(target=...) recalibrated {model}, and eval_{monitor} did not move at all: it "
                 "measures another model, most likely the trained one. Give the target's own metric as monitor, "

@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils.console import WarnOnce
-from .base import Hook
 from ..recalibration.isolation import batchnorm_in_train_mode
 from ..recalibration.layers import batchnorm_layers, is_uninitialized, side_by_side, tracks_statistics
+from ..utils.console import WarnOnce
+from ..utils.validation import positive_int
+from .base import Hook
 from .overview import NEVER, SECTION, Overview, due
 from .state import State
 from .trackers import Histogram, Trackers
-from ..utils.validation import positive_int
 
 MAX_BINS = 512  # W&B's limit
 
@@ -47,7 +47,8 @@ def bn_statistics(model: nn.Module, bins: int = 64, include_affine: bool = False
     variances = side_by_side([layer.running_var for _, layer in layers], device)
     finite = torch.isfinite(means) & torch.isfinite(variances)
     keys, parts, masks = [], [], []
-    for (name, layer), mean, var, kept in zip(layers, means.split(widths), variances.split(widths), finite.split(widths)):
+    split = zip(means.split(widths), variances.split(widths), finite.split(widths))
+    for (name, layer), (mean, var, kept) in zip(layers, split):
         for key, values in (("running_mean", mean), ("running_var", var)):
             keys.append(f"bn/{name}/{key}")
             parts.append(values)

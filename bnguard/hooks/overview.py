@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .record_keys import RecordKeys
 from ..recalibration.report import RecalibrationReport
+from .record_keys import RecordKeys
 
 SECTION = "at-a-glance"  # sorts before bn/ and bnguard/, so that W&B shows it first
 LAYER_STATISTICS = ("running_mean_mean", "running_mean_std", "log_running_var_mean")

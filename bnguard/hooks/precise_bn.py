@@ -10,8 +10,8 @@ from torch import nn
 
 from ..recalibration.isolation import restore_statistics, saved_statistics
 from ..utils.validation import positive_int
-from .record_keys import RecordKeys
 from .recalibrating import HOOK_TOLERANCE, RecalibratingHook, Target
+from .record_keys import RecordKeys
 from .state import State
 
 

@@ -7,12 +7,11 @@ from typing import Any
 
 from torch import nn
 
-from .events import Event
 from ..recalibration.isolation import isolated_iteration, preserved_modes, preserved_rng
 from ..recalibration.layers import unwrap_model
 from ..recalibration.report import RecalibrationReport
+from .events import Event
 from .trackers import Trackers
-
 
 NO_TRAIN_BATCHES = ("pass train_batches= to bnguard.HookRunner, or recalibration_loader= to bnguard.Loop (a "
                     "streaming training set cannot be reshuffled)")

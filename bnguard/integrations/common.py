@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from ..utils.distributed import process_info, sum_over_processes
-from ..drivers.runner import HookRunner
 from ..drivers.records import plain
+from ..drivers.runner import HookRunner
+from ..utils.distributed import process_info, sum_over_processes
 
 
 def missing_extra(framework: str, extra: str) -> ImportError:

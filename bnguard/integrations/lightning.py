@@ -26,16 +26,15 @@ from typing import Any
 
 import torch
 
-from ..recalibration.batches import batch_size as batch_size_of
-from ..drivers.training_batches import hook_batches
-from ..hooks.events import Event
 from ..drivers.runner import HookRunner, checked_hooks
+from ..drivers.training_batches import hook_batches
 from ..hooks.base import Hook
-from ..recalibration.isolation import preserved_rng, restore_statistics, saved_statistics
-from ..recalibration.batches import Forward
+from ..hooks.events import Event
 from ..hooks.trackers import Trackers
-from .common import (RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated,
-                     without_evaluation)
+from ..recalibration.batches import Forward
+from ..recalibration.batches import batch_size as batch_size_of
+from ..recalibration.isolation import preserved_rng, restore_statistics, saved_statistics
+from .common import RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated, without_evaluation
 
 try:
     import lightning.pytorch as pl

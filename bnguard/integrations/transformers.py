@@ -31,15 +31,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..drivers.training_batches import hook_batches
-from ..hooks.events import Event
 from ..drivers.runner import HookRunner, checked_hooks
+from ..drivers.training_batches import hook_batches
 from ..hooks.base import Hook
-from ..recalibration.isolation import preserved_rng
+from ..hooks.events import Event
 from ..hooks.trackers import Trackers
-from .common import (RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated,
-                     without_evaluation)
-from .transformers_state import STATE_FILE, hook_state_for, trainer_state_digest as _trainer_state_digest
+from ..recalibration.isolation import preserved_rng
+from .common import RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated, without_evaluation
+from .transformers_state import STATE_FILE, hook_state_for
+from .transformers_state import trainer_state_digest as _trainer_state_digest
 
 try:
     import transformers

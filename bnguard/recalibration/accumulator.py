@@ -9,10 +9,10 @@ from typing import NamedTuple
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..stats.moments import Moments, pool_batches
+from ..stats.spread import BatchSpread
 from ..utils.distributed import all_gather
 from .layers import channels as layer_channels
-from ..stats.spread import BatchSpread
-from ..stats.moments import Moments, pool_batches
 
 
 class Merged(NamedTuple):

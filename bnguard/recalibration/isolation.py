@@ -16,7 +16,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics
 
-
 RandomStates = tuple  # torch CPU, Python, NumPy, and CUDA's when CUDA is in use (else None)
 
 

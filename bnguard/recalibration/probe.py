@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batches import batch_size, default_forward, to_device
 from ..utils.distributed import process_info, sum_over_processes
+from .batches import batch_size, default_forward, to_device
 from .isolation import batchnorm_in_train_mode, raise_if_interrupted
 from .layers import batchnorm_layers, tracks_statistics, unwrap_model
 

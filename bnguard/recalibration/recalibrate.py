@@ -14,17 +14,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from tqdm.auto import tqdm
 
-from .accumulator import Accumulators, merge_processes
-from .batches import batch_size, default_forward, to_device
 from ..utils.console import show_progress
 from ..utils.distributed import process_info, split_budget
+from ..utils.validation import fraction, positive_int
+from .accumulator import Accumulators, merge_processes
+from .batches import batch_size, default_forward, to_device
 from .isolation import batchnorm_in_train_mode, interrupts_deferred, raise_if_interrupted
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
-from .report import LayerReport, RecalibrationReport
-from .storing import write_statistics
+from .report import LayerReport, RecalibrationReport, warn_instance_norm, warn_left_out, warn_ordered
 from .stopping import END_OF_DATA, TOLERANCE_MET, ErrorBounds
-from .report import warn_instance_norm, warn_left_out, warn_ordered
-from ..utils.validation import fraction, positive_int
+from .storing import write_statistics
 
 Forward = Callable[[nn.Module, Any], Any]
 LayerSelection = Union[Iterable[nn.Module], Callable[[str, nn.Module], bool]]

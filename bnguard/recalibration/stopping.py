@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from .accumulator import Accumulators, merged_spreads
 from ..stats.confidence import CONFIDENCE, sidak_quantile, t_widening
-from .layers import channels as layer_channels
 from ..stats.spread import BatchSpread
+from .accumulator import Accumulators, merged_spreads
+from .layers import channels as layer_channels
 
 TOLERANCE_MET = "tolerance met"
 END_OF_DATA = "end of data"
