@@ -27,6 +27,7 @@ from ..hooks.bn_stats import BNStatsLogger
 from ..hooks.events import Event
 from ..hooks.trackers import Trackers
 from ..recalibration.batches import Forward, accuracy
+from ..recalibration.layers import model_device
 from ..utils.console import WarnOnce
 from .epoch_events import EpochEvents
 from .eval_metrics import Metrics, eval_metrics, in_given_shape
@@ -38,24 +39,33 @@ from .training_batches import hook_batches
 
 
 class Guard:
-    """Runs bnguard ``hooks`` in your own loop (default: :class:`~bnguard.BNStatsLogger` and
-    :class:`~bnguard.AutoRecalibrate`), firing every :class:`~bnguard.Event` itself (the module docstring
-    shows a loop).
+    """Runs bnguard's hooks in your own loop, firing every :class:`~bnguard.Event` itself (the module
+    docstring shows a loop). Its train and eval metrics reach the trackers under ``bnguard/``
+    (``bnguard/train_acc``, ``bnguard/eval_acc``), never under the names your loop logs its own by;
+    :attr:`records` holds one dict per epoch, as ``metrics.jsonl`` lines. Checkpoint it with
+    :meth:`state_dict` / :meth:`load_state_dict` or ``accelerator.register_for_checkpointing(guard)``;
+    ``with guard:`` reports an exception to the hooks.
 
-    ``evaluate()`` is your evaluation, giving a dict of metrics or one number (named ``metric_name``); hooks
-    run it again after a recalibration, every global random state and module mode restored afterwards. To
-    the hooks its names get ``eval_`` in front (``val_`` becomes ``eval_``): ``{"top1": ...}`` is
-    ``eval_top1`` for ``AutoRecalibrate(monitor="top1")``. Recalibration batches are fresh shuffles of
-    ``train_loader``'s dataset (its iterator is never touched), or ``recalibration_loader``. With an
-    ``accelerator``, steps count where gradients sync, and train metrics are summed over its processes
-    (without one, over the default process group's). ``metric(logits, targets)``: per-sample scores
-    (default accuracy; None: the loss only), counted times ``metric_scale`` to compare with your
-    evaluation's: by default the accuracy is counted in percent once your evaluation gives one above 1
-    (torchvision's and timm's top1), else as a fraction; ``metric_scale=100`` states percent from the start.
-    The train and eval metrics reach the trackers under ``bnguard/`` (``bnguard/train_acc``,
-    ``bnguard/eval_acc``), never under the names your loop logs its own by. :attr:`records`: one dict per
-    epoch, as ``metrics.jsonl`` lines. Checkpoint it with :meth:`state_dict` / :meth:`load_state_dict` or
-    ``accelerator.register_for_checkpointing(guard)``; ``with guard:`` reports an exception to the hooks.
+    Args:
+        model: the model you train (wrapped or not).
+        hooks: default :class:`~bnguard.BNStatsLogger` and :class:`~bnguard.AutoRecalibrate`.
+        evaluate: your evaluation, giving a dict of metrics or one number (named ``metric_name``). Hooks run
+            it again after a recalibration, every global random state and module mode restored afterwards.
+            To the hooks its names get ``eval_`` in front (``val_`` becomes ``eval_``): ``{"top1": ...}`` is
+            ``eval_top1`` for ``AutoRecalibrate(monitor="top1")``.
+        train_loader: recalibration batches are fresh shuffles of its dataset (its iterator is never touched).
+        recalibration_loader: batches to recalibrate on instead, streams too.
+        accelerator: steps count where gradients sync, and train metrics are summed over its processes
+            (without one, over the default process group's).
+        optimizer: for the hooks' state.
+        forward: ``forward(model, batch)`` (default :func:`~bnguard.default_forward`).
+        metric: per-sample ``metric(logits, targets)`` (default accuracy; None: the loss only).
+        metric_name: its name, ``train_<metric_name>`` and ``eval_<metric_name>``.
+        metric_scale: train scores are counted times it, to compare with your evaluation's. By default the
+            accuracy is counted in percent once your evaluation gives one above 1 (torchvision's and timm's
+            top1), else as a fraction; ``metric_scale=100`` states percent from the start.
+        trackers: where hooks log (default: ``accelerator``'s trackers, metrics under ``bnguard/``).
+        seed: seeds the training batches drawn for hooks.
     """
 
     def __init__(self, model: nn.Module, hooks: Iterable[Hook] | None = None, *,
@@ -75,8 +85,7 @@ class Guard:
                                  trackers=trackers or Trackers(accelerator, metrics_under="bnguard/"),
                                  evaluation_hint="pass evaluate= to bnguard.Guard")
         self.state = self.runner.state
-        device = accelerator.device if accelerator is not None else next(
-            (p.device for p in model.parameters()), torch.device("cpu"))
+        device = accelerator.device if accelerator is not None else model_device(model)
         self.epochs = EpochEvents(self.runner, TrainCounts(metric, metric_name, device, accelerator, metric_scale))
         self._warn_once = WarnOnce()
 

@@ -28,12 +28,19 @@ class HookRunner:
                                     evaluate=run_eval, train_batches=draw_batches)
         runner.fire(bnguard.Event.STEP_END, step=step)   # keyword arguments update runner.state first
 
-    ``evaluate`` returns eval metrics (eval mode); ``train_batches`` returns an iterable of training batches
-    for recalibration; ``forward(model, batch)`` runs the model on one (default :func:`default_forward`);
-    ``trackers`` is where hooks log (default: ``accelerator``'s trackers, see :class:`~bnguard.Trackers`);
-    ``evaluation_hint`` tells the user how to give this loop an evaluation, in hooks' errors.
-    It is itself checkpointable (``accelerator.register_for_checkpointing(runner)``): its state dict holds
-    every hook's state under its key.
+    Two hooks of one class are saved under ``Key#0``, ``Key#1``, in list order. The runner is itself
+    checkpointable (``accelerator.register_for_checkpointing(runner)``): its state dict holds every hook's
+    state under its key.
+
+    Args:
+        hooks: :class:`~bnguard.Hook` s, fired in list order.
+        accelerator, model, optimizer: what the hooks see of the run.
+        evaluate: returns eval metrics (eval mode).
+        train_batches: returns an iterable of training batches for recalibration (e.g.
+            :class:`~bnguard.TrainingBatches`).
+        forward: ``forward(model, batch)`` runs the model on one (default :func:`~bnguard.default_forward`).
+        trackers: where hooks log (default: ``accelerator``'s trackers, see :class:`~bnguard.Trackers`).
+        evaluation_hint: tells the user how to give this loop an evaluation, in hooks' errors.
     """
 
     def __init__(

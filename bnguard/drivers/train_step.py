@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..recalibration.batches import batch_targets, logits_of
+from ..recalibration.batches import Forward, batch_targets, logits_of
 
 ComputeLoss = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, Any]"]
 
@@ -49,7 +49,7 @@ class TrainStep:
         return loss, outputs
 
 
-def loss_of(forward: Callable[[Any, Any], Any], loss_fn: Callable[..., torch.Tensor]) -> ComputeLoss:
+def loss_of(forward: Forward, loss_fn: Callable[..., torch.Tensor]) -> ComputeLoss:
     """The default ``compute_loss``: ``loss_fn(logits, targets)`` on the outputs of ``forward(model, batch)``
     and the batch's targets, for ``(inputs, targets)`` pairs and dict batches with ``labels`` alike."""
     def compute_loss(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:

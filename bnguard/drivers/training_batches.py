@@ -65,15 +65,17 @@ def indexable(loader: Any) -> bool:
 
 class TrainingBatches:
     """Training batches for hooks to recalibrate on, in any loop: each call is a new shuffle of ``loader``'s
-    dataset, batched like it, this process's share of it (rank, world size from ``accelerator`` or the
-    process group). Every sample is drawn at most once per call over all processes, no collective runs,
-    and no global random state changes, so drawing leaves the training run exactly as it was.
+    dataset, batched like it, this process's share of it. Every sample is drawn at most once per call over
+    all processes, no collective runs, and no global random state changes, so drawing leaves the training run
+    exactly as it was. Register it for checkpointing (``accelerator.register_for_checkpointing``) and a
+    resumed run draws the same samples as an uninterrupted one.
 
-    ``loader`` may be the training loader before or after ``accelerator.prepare``: only its dataset, batch
-    size (:func:`loader_batch_size`: a prepared loader's is its batch sampler's), collate function and
-    workers are used, never its iterator. Register it for checkpointing
-    (``accelerator.register_for_checkpointing``) and a resumed run draws the same samples as an
-    uninterrupted one.
+    Args:
+        loader: the training loader, before or after ``accelerator.prepare``: only its dataset, batch size
+            (:func:`loader_batch_size`: a prepared loader's is its batch sampler's), collate function and
+            workers are used, never its iterator.
+        accelerator: gives this process's rank and the world size (default: the process group's).
+        seed: seeds the shuffles.
     """
 
     def __init__(self, loader: DataLoader, *, accelerator: Any = None, seed: int = 0):

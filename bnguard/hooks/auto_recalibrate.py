@@ -33,25 +33,29 @@ THRESHOLDS = {"gap_threshold": 0.05, "drop_threshold": 0.03, "recovery_margin": 
 class AutoRecalibrate(RecalibratingHook):
     """After each evaluation, asks a :class:`~bnguard.DivergencePolicy` whether the eval metric (eval mode,
     running statistics) has diverged from the train metric or fallen below its best; when it has, recalibrates
-    the BatchNorm statistics (to ``tolerance``, on at most ``num_samples`` training samples, as
-    :class:`~bnguard.PreciseBN`), re-evaluates, keeps the new statistics, and records the verdict: stale
-    statistics, or a gap they do not explain (after which it backs off).
+    the BatchNorm statistics, re-evaluates, keeps the new statistics, and records the verdict: stale
+    statistics, or a gap they do not explain (after which it backs off). The README explains the defaults.
+    Outside :class:`bnguard.Loop` and :class:`bnguard.Guard`, call :meth:`check` after evaluating.
 
-    ``monitor`` names the watched metric (``eval_<monitor>``, compared with ``train_<train_monitor>``,
-    ``train_monitor`` defaulting to ``monitor``); set ``higher_is_better=False`` for a loss. The thresholds
-    are the policy's (see its docstring), in the metric's units; those left to their defaults (5, 3 and 1
-    points of an accuracy: 0.05, 0.03, 0.01) are taken in percent, 5, 3 and 1, once the monitored accuracy
-    is above 1.
-    ``probe_samples`` turns on a cheap check first: ``probe_score(outputs, batch)`` (per-sample; default
-    accuracy) in eval mode against batch statistics on that many training samples, which skips the
-    recalibration when the two agree. ``report_only=True`` detects and reports but never changes the
-    statistics. BatchNorm layers that were not updating their statistics during training (frozen for
-    fine-tuning) keep them, unless ``include_frozen=True``. ``target`` (a model, or a callable giving it)
-    recalibrates another model than the trained one, e.g. an EMA / SWA copy; ``monitor`` must then be that
-    model's eval metric (``monitor="ema_acc"`` when the evaluation gives ``ema_acc``), compared with the trained
-    model's ``train_<train_monitor>`` (``train_monitor="acc"``). The README explains the defaults.
-
-    Outside :class:`bnguard.Loop`, call :meth:`check` after evaluating.
+    Args:
+        monitor: the watched metric, ``eval_<monitor>``; with a ``target``, that model's own eval metric
+            (``monitor="ema_acc"`` when the evaluation gives ``ema_acc``).
+        higher_is_better: False for a loss.
+        gap_threshold, drop_threshold, patience, recovery_margin, max_cooldown: the policy's (see
+            :class:`~bnguard.DivergencePolicy`), in the metric's units. Thresholds left to their defaults (5,
+            3 and 1 points of an accuracy: 0.05, 0.03, 0.01) are taken in percent, 5, 3 and 1, once the
+            monitored accuracy is above 1.
+        tolerance, num_samples, include_frozen, target: how and what it recalibrates, as
+            :class:`~bnguard.PreciseBN` (see :class:`RecalibratingHook`). BatchNorm layers that were not
+            updating their statistics during training (frozen for fine-tuning) keep them unless
+            ``include_frozen``; ``target`` recalibrates another model, e.g. an EMA / SWA copy.
+        probe_samples: turns on a cheap check first: ``probe_score`` in eval mode against batch statistics
+            on that many training samples, which skips the recalibration when the two agree.
+        probe_score: per-sample ``probe_score(outputs, batch)`` (default accuracy).
+        report_only: detect and report, never change the statistics.
+        alert_every_s: at most one tracker alert (W&B) this often.
+        train_monitor: the train metric compared, ``train_<train_monitor>`` (default ``monitor``;
+            ``train_monitor="acc"`` beside a ``target``'s ``monitor="ema_acc"``).
     """
 
     reevaluates = True

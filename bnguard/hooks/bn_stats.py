@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..recalibration.isolation import batchnorm_in_train_mode
-from ..recalibration.layers import batchnorm_layers, is_uninitialized, side_by_side, tracks_statistics
+from ..recalibration.layers import batchnorm_layers, is_uninitialized, model_device, side_by_side, tracks_statistics
 from ..utils.console import WarnOnce
 from ..utils.validation import positive_int
 from .base import Hook
@@ -144,28 +144,35 @@ def log_bn_stats(
 
 
 class BNStatsLogger(Hook):
-    """Logs histograms of every BatchNorm layer's ``running_mean`` / ``running_var`` (and with
-    ``include_affine`` its weight and bias) every ``every_n_steps`` steps and, with ``on_eval``, after each
-    evaluation, at the loop's global step, under ``bn/<layer>/...`` (see :func:`bn_statistics`).
+    """Logs histograms of every BatchNorm layer's ``running_mean`` / ``running_var`` under
+    ``bn/<layer>/...`` (see :func:`bn_statistics`), at the loop's global step. Main process only, with no
+    collective; steps that do not log cost one integer comparison.
 
     It prints a torchinfo summary and logs a W&B table of the BatchNorm layers with their output shapes: at
     fit start from ``input_size`` if given, else at the first step from the inputs of the first training
     forward (kept by a one-shot pre-hook: no batch is drawn and no random number used, so the run is the
     same with or without it). On every RECALIBRATED event it logs how far each layer's statistics moved,
     ``bn/<layer>/staleness_mean_shift_max`` (in new-std units) and ``bn/<layer>/staleness_log_var_ratio_max``,
-    and the new statistics. Main process only, with no collective; steps that do not log cost one integer
-    comparison.
+    and the new statistics.
 
-    With ``overview`` (the default) it also logs, under ``at-a-glance/``: a chart of ``train_<metric>``,
-    ``eval_<metric>`` and the eval value with the running statistics as trained, per epoch
-    (``overview_metric``, default ``acc``); one chart per summary statistic with a line per layer, after each
-    evaluation; and at each recalibration a layers x recalibrations heatmap of how far each one moved each
-    layer (an image in W&B and TensorBoard). :meth:`save_staleness` writes the heatmap as a PNG. In a long
+    The overview, under ``at-a-glance/``: a chart of ``train_<metric>``, ``eval_<metric>`` and the eval value
+    with the running statistics as trained, per epoch; one chart per summary statistic with a line per layer,
+    after each evaluation; and at each recalibration a layers x recalibrations heatmap of how far each one
+    moved each layer (an image in W&B and TensorBoard; :meth:`save_staleness` writes it as a PNG). In a long
     run the accuracy chart is logged at each of the first 64 epochs, then every 64th; the layer charts and the
     heatmap at the powers of two (W&B keeps every chart table it is given in memory); all of them at the end.
     The history is thinned evenly to at most 512 points (128 per layer line as logged), the heatmap to the
     latest 64 recalibrations: the W&B files grow linearly with the run, memory stays flat, and a late
     evaluation costs what an early one did.
+
+    Args:
+        every_n_steps: log the histograms every this many steps.
+        on_eval: log them after each evaluation too.
+        bins: histogram bins.
+        include_affine: also each layer's weight and bias.
+        input_size: the model's input size for the layer table at fit start (default: the first batch's).
+        overview: log the at-a-glance overview.
+        overview_metric: the metric its accuracy chart shows (default ``acc``).
     """
 
     def __init__(self, every_n_steps: int = 100, on_eval: bool = True, bins: int = 64,
@@ -285,7 +292,7 @@ def describe_layers(state: State, inputs: dict[str, Any]) -> None:
     from torchinfo import summary
 
     model = state.unwrapped_model
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     names, shapes = {id(module): name for name, module in batchnorm_layers(model)}, {}
     try:
         with torch.no_grad(), batchnorm_in_train_mode(model, ()):  # modes, buffers, random states kept

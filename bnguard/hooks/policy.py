@@ -74,12 +74,20 @@ class DivergencePolicy:
     """Decides, after each evaluation, whether eval has diverged from train enough to recalibrate, and
     judges the re-evaluation afterwards.
 
-    Triggers when eval is worse than train by more than ``gap_threshold``, or worse than its best so far by
+    It triggers when eval is worse than train by more than ``gap_threshold``, or worse than its best so far by
     more than ``drop_threshold``, for ``patience`` evaluations in a row. After a recalibration that gained
     less than ``recovery_margin``, whether a gap or a fall set it off, the statistics were not to blame
     (:attr:`Verdict.UNEXPLAINED`; gaining at least that much is :attr:`Verdict.STALE`): it backs off,
-    skipping the next 1, 2, 4, ... (at most ``max_cooldown``) triggered evaluations. ``monitor`` names the
-    metric in reasons; ``higher_is_better=False`` for a loss.
+    skipping the next 1, 2, 4, ... (at most ``max_cooldown``) triggered evaluations.
+
+    Args:
+        monitor: the metric's name, in reasons.
+        higher_is_better: False for a loss.
+        gap_threshold: how much worse than train eval may be, in the metric's units.
+        drop_threshold: how much worse than its best so far eval may fall.
+        patience: evaluations in a row that must be past a threshold.
+        recovery_margin: the least gain that shows the statistics were stale.
+        max_cooldown: the most triggered evaluations skipped after an unexplained gap.
     """
 
     def __init__(

@@ -16,27 +16,31 @@ from .state import State
 
 
 class PreciseBN(RecalibratingHook):
-    """Recalibrates the BatchNorm statistics before every ``every_n_evals``-th evaluation (at EVAL_START), so
-    that those evaluations see statistics estimated for the weights being evaluated: on training samples until
-    every layer's error bound is within ``tolerance`` (see :func:`~bnguard.recalibrate`), at most
-    ``num_samples`` of them; ``tolerance=None`` takes ``num_samples`` whatever the precision. Records
-    ``recalibrated``, ``reason``, ``recal_seconds`` and ``recal_samples`` (see :class:`~bnguard.RecordKeys`)
-    for every evaluation.
-
-    Unlike :class:`~bnguard.AutoRecalibrate` it does not look at the metrics first: it costs a recalibration
-    per scheduled evaluation and never lets stale statistics reach one. BatchNorm layers that were not
-    updating their statistics during training (frozen for fine-tuning) keep them, unless ``include_frozen``.
-    ``target`` (a model, or a callable giving it) recalibrates another model than the trained one, e.g. the
-    EMA / SWA copy the evaluation uses.
+    """Recalibrates the BatchNorm statistics before scheduled evaluations (at EVAL_START), so that those
+    evaluations see statistics estimated for the weights being evaluated, and records ``recalibrated``,
+    ``reason``, ``recal_seconds`` and ``recal_samples`` (see :class:`~bnguard.RecordKeys`) for every
+    evaluation. Unlike :class:`~bnguard.AutoRecalibrate` it does not look at the metrics first: it costs a
+    recalibration per scheduled evaluation and never lets stale statistics reach one.
 
     The first recalibration is checked: the evaluation runs again with the statistics it replaced, and when
-    the new ones make ``eval_<monitor>`` worse by more than ``margin`` (in the metric's units) they are
-    undone, with a warning naming the likely cause (recalibration batches not prepared like the training
-    batches). ``monitor="auto"`` judges by ``eval_loss``, else ``eval_acc``, else another loss or accuracy
-    the evaluation gives; with a ``target``, by the first of those that the target's statistics moved (a
-    metric of the trained model cannot judge them). ``higher_is_better`` defaults to False for a name with
-    "loss" in it, else True.
-    ``monitor=None`` skips the check, which costs one evaluation per run.
+    the new ones make the monitored metric worse by more than ``margin`` they are undone, with a warning
+    naming the likely cause (recalibration batches not prepared like the training batches).
+
+    Args:
+        every_n_evals: recalibrate before every this many evaluations.
+        tolerance: stop once every layer's error bound is within it (see :func:`~bnguard.recalibrate`); None
+            takes ``num_samples`` whatever the precision.
+        num_samples: the most training samples one recalibration uses.
+        include_frozen: recalibrate also the BatchNorm layers that were not updating their statistics
+            during training (frozen for fine-tuning), which otherwise keep them.
+        target: another model to recalibrate than the trained one (or a callable giving it), e.g. the EMA /
+            SWA copy the evaluation uses.
+        monitor: the metric that judges the first recalibration, ``eval_<monitor>``. ``"auto"``: by
+            ``eval_loss``, else ``eval_acc``, else another loss or accuracy the evaluation gives; with a
+            ``target``, the first of those that the target's statistics moved (a metric of the trained model
+            cannot judge them). None skips the check, which costs one evaluation per run.
+        higher_is_better: default False for a name with "loss" in it, else True.
+        margin: how much worse (in the metric's units) undoes the first recalibration.
     """
 
     reevaluation_optional = True

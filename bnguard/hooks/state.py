@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from ..recalibration.batches import Forward
 from ..recalibration.isolation import isolated_iteration, preserved_modes, preserved_rng
 from ..recalibration.layers import unwrap_model
 from ..recalibration.report import RecalibrationReport
@@ -39,7 +40,7 @@ class State:
         optimizer: Any = None,
         evaluate: Callable[[], dict[str, float]] | None = None,
         train_batches: Callable[[], Iterable[Any]] | None = None,
-        forward: Callable[[nn.Module, Any], Any] | None = None,
+        forward: Forward | None = None,
         dispatch: Callable[[Event], None] | None = None,
         trackers: Trackers | None = None,
         evaluation_hint: str = "pass evaluate= to bnguard.HookRunner",

@@ -32,9 +32,12 @@ class Trackers:
     active ``wandb.run``, if any); the framework integrations subclass it to reach their trainer's loggers.
     Only the main process logs.
 
-    ``metrics_under``: a prefix for the train and eval metrics hooks log (``train_loss``, ``eval_acc``, ...),
-    for a run whose script logs those names itself (:class:`~bnguard.Guard` uses ``"bnguard/"``); keys
-    already in bnguard's sections (:data:`OWN_SECTIONS`) keep their names."""
+    Args:
+        accelerator: whose trackers to log to.
+        metrics_under: a prefix for the train and eval metrics hooks log (``train_loss``, ``eval_acc``, ...),
+            for a run whose script logs those names itself (:class:`~bnguard.Guard` uses ``"bnguard/"``); keys
+            already in bnguard's sections (:data:`OWN_SECTIONS`) keep their names.
+    """
 
     def __init__(self, accelerator: Any = None, *, metrics_under: str = ""):
         self.accelerator, self.metrics_under = accelerator, metrics_under

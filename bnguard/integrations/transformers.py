@@ -22,7 +22,7 @@ Hugging Face                                    bnguard
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from ..drivers.training_batches import hook_batches
 from ..hooks.base import Hook
 from ..hooks.events import Event
 from ..hooks.trackers import Trackers
+from ..recalibration.batches import Forward
 from ..recalibration.isolation import preserved_rng
 from .common import RunningMeans, hook_state, load_hook_state, missing_extra, warn_never_evaluated, without_evaluation
 from .transformers_state import STATE_FILE, hook_state_for
@@ -115,7 +116,7 @@ class BNGuardCallback(transformers.TrainerCallback):
     """
 
     def __init__(self, hooks: Iterable[Hook] | None = None, *, recalibration_loader: Iterable[Any] | None = None,
-                 forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0):
+                 forward: Forward | None = None, seed: int = 0):
         if hooks is None:
             from ..hooks.auto_recalibrate import AutoRecalibrate
             from ..hooks.bn_stats import BNStatsLogger

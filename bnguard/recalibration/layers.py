@@ -24,6 +24,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def batchnorm_layers(model: nn.Module) -> Iterator[tuple[str, _BatchNorm]]:
     """(dotted name, layer) for every BatchNorm layer (any ``_BatchNorm``) of the unwrapped model."""
     for name, module in unwrap_model(model).named_modules():

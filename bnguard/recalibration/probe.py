@@ -11,23 +11,23 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils.distributed import process_info, sum_over_processes
-from .batches import batch_size, default_forward, to_device
+from .batches import Forward, batch_size, default_forward, to_device
 from .isolation import batchnorm_in_train_mode, raise_if_interrupted
-from .layers import batchnorm_layers, tracks_statistics, unwrap_model
+from .layers import batchnorm_layers, model_device, tracks_statistics, unwrap_model
 
 Score = Callable[[Any, Any], torch.Tensor]
 
 
 @torch.no_grad()
 def probe(model: nn.Module, batches: Iterable[Any], score: Score, *, num_samples: int, accelerator: Any = None,
-          forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[float, float]:
+          forward: Forward | None = None) -> tuple[float, float]:
     """Mean per-sample ``score(outputs, batch)`` on up to ``num_samples`` training samples (over all
     processes: the ``accelerator``'s, else the default process group's), first in eval mode, then with the
     BatchNorm layers normalizing with batch statistics (every other module in eval mode), the model run by
     ``forward(model, batch)`` (default: as :func:`recalibrate` does). Buffers, modes and random states are
     left exactly as they were."""
     model = unwrap_model(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     layers = [layer for _, layer in batchnorm_layers(model) if tracks_statistics(layer)]
     forward = forward or default_forward
     world_size = process_info(accelerator)[1]

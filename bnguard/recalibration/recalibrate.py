@@ -18,14 +18,13 @@ from ..utils.console import show_progress
 from ..utils.distributed import process_info, split_budget
 from ..utils.validation import fraction, positive_int
 from .accumulator import Accumulators, merge_processes
-from .batches import batch_size, default_forward, to_device
+from .batches import Forward, batch_size, default_forward, to_device
 from .isolation import batchnorm_in_train_mode, interrupts_deferred, raise_if_interrupted
 from .layers import batchnorm_layers, is_uninitialized, tracks_statistics, unwrap_model
 from .report import LayerReport, RecalibrationReport, warn_instance_norm, warn_left_out, warn_ordered
 from .stopping import END_OF_DATA, TOLERANCE_MET, ErrorBounds
 from .storing import write_statistics
 
-Forward = Callable[[nn.Module, Any], Any]
 LayerSelection = Union[Iterable[nn.Module], Callable[[str, nn.Module], bool]]
 
 
@@ -131,11 +130,11 @@ def recalibrate(
     batch_budget = split_budget(num_batches, rank, world_size)
     bar = tqdm(desc="recalibrating BatchNorm", unit="batch", total=_expected_batches(batches, batch_budget),
                disable=not show_progress(progress, rank == 0), leave=False)
-    bounds = ErrorBounds(accumulators, world_size)
+    bounds = ErrorBounds(accumulators, world_size, tolerance)
     with bar, _passes(inner, accumulators, keep_modes), torch.no_grad():
         seen_batches, seen_samples, met_tolerance = _run_passes(
             inner, batches, forward, (batch_budget, split_budget(num_samples, rank, world_size)), bar,
-            bounds if tolerance is not None else None, tolerance,
+            bounds if tolerance is not None else None,
         )
         merged = merge_processes(accumulators, seen_batches, seen_samples, world_size)
     all_batches, all_samples = merged.batches, merged.samples
@@ -145,11 +144,19 @@ def recalibrate(
     report = write_statistics(layers, reasons, merged, accumulators, dict(zip(chosen, layer_bounds)))
     warn_left_out(report)
     warn_ordered([chosen[i] for i in bounds.ordered()], inner)
-    stopped = TOLERANCE_MET if met_tolerance else (
-        "num_batches reached" if num_batches is not None and all_batches >= num_batches else
-        "num_samples reached" if num_samples is not None and all_samples >= num_samples else END_OF_DATA)
+    stopped = _stop_reason(met_tolerance, (num_batches, all_batches), (num_samples, all_samples))
     return RecalibrationReport(layers=report, batches=all_batches, samples=all_samples,
                                seconds=time.perf_counter() - started, tolerance=tolerance, stopped=stopped)
+
+
+def _stop_reason(met_tolerance: bool, batches: tuple[int | None, int], samples: tuple[int | None, int]) -> str:
+    """Why the passes ended, in the report's words: ``batches`` and ``samples`` are (budget, seen)."""
+    if met_tolerance:
+        return TOLERANCE_MET
+    for name, (budget, seen) in (("num_batches", batches), ("num_samples", samples)):
+        if budget is not None and seen >= budget:
+            return f"{name} reached"
+    return END_OF_DATA
 
 
 def _skip_reasons(layers: list[tuple[str, _BatchNorm]], modules: LayerSelection | None,
@@ -226,7 +233,6 @@ def _run_passes(
     budgets: tuple[int | None, int | None],
     bar: tqdm,
     bounds: ErrorBounds | None,
-    tolerance: float | None,
 ) -> tuple[int, int, bool]:
     """Runs this process's batches until a cap, the end of its data or, with ``bounds``, the tolerance on
     every process; returns its batch and sample counts and whether the tolerance was met."""
@@ -253,7 +259,7 @@ def _run_passes(
             continue
         step = max(seen_batches, bounds.next_check) if done else seen_batches  # done: wait at the next check
         if bounds.due(step):
-            within, everyone_done = bounds.check(step, done, tolerance)  # type: ignore[arg-type]
+            within, everyone_done = bounds.check(step, done)
             if within:
                 return seen_batches, seen_samples, True
             if everyone_done:

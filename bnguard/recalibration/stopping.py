@@ -27,10 +27,12 @@ class ErrorBounds:
     """Per-layer error bounds of the pooled statistics, from the accumulators' batch spreads: the largest
     over channels of |mean error| / std and |variance error| / variance at 95% confidence for all of the
     layer's channels together (:mod:`bnguard.confidence`). With several processes every rank merges the same
-    figures and so decides the same; each check is one all_gather."""
+    figures and so decides the same; each check is one all_gather. ``tolerance``: what :meth:`check` asks of
+    every layer (None: no stopping on the bounds)."""
 
-    def __init__(self, accumulators: Accumulators, world_size: int):
+    def __init__(self, accumulators: Accumulators, world_size: int, tolerance: float | None = None):
         self.accumulators, self.world_size = accumulators, world_size
+        self.tolerance = tolerance
         layers = accumulators.layers
         self.channels = [layer_channels(layer) for layer in layers]
         self.eps = accumulators.eps
@@ -43,13 +45,13 @@ class ErrorBounds:
     def due(self, step: int) -> bool:
         return step >= self.next_check
 
-    def check(self, step: int, done: bool, tolerance: float) -> tuple[bool, bool]:
-        """Whether every layer is within ``tolerance`` now, over all processes (a layer that got no batch
+    def check(self, step: int, done: bool) -> tuple[bool, bool]:
+        """Whether every layer is within the tolerance now, over all processes (a layer that got no batch
         yet, a branch not taken, waits for no one), and whether every process is ``done``. Deciding needs
         the joint coverage at ``tolerance`` only, not the bounds themselves."""
         self.next_check = step + max(CHECK_SPACING, step // CHECK_GROWTH)
         errors, counts, widening, everyone_done = self._measure(self.accumulators.sum_spread(), done, merged=False)
-        within = joint_coverage_at(tolerance, errors, self.estimate_index, widening).tolist()
+        within = joint_coverage_at(self.tolerance, errors, self.estimate_index, widening).tolist()
         fed = [ok for ok, batches in zip(within, counts) if batches]
         return bool(fed) and all(fed), everyone_done
 
