@@ -161,6 +161,7 @@ class AutoRecalibrate(RecalibratingHook):
     def _publish(self, state: State, decision: Decision, eval_key: str) -> None:
         state.record.update(RecordKeys.of(self.decision_prefix, _record(decision, eval_key)))
         state.log(_tracker_values(decision, eval_key, self.decision_prefix))
+        state.trackers.log_tags(RecordKeys.tracked(self.decision_prefix, _tags(decision)))
         if decision.triggered and state.is_main_process:
             line = _console_line(decision, self.monitor, state)
             print(line, flush=True)
@@ -236,13 +237,21 @@ def _record(decision: Decision, eval_key: str) -> dict[str, Any]:
 
 def _tracker_values(decision: Decision, eval_key: str, prefix: str) -> dict[str, Any]:
     """What a decision logs to the trackers: under ``bnguard/``, and the new eval value when recalibrated."""
-    values = {RecordKeys.RECALIBRATED: float(decision.recalibrated), RecordKeys.SECONDS: decision.seconds}
+    values = {RecordKeys.RECALIBRATED: float(decision.recalibrated), RecordKeys.SECONDS: decision.seconds,
+              RecordKeys.SAMPLES: decision.samples}
     values.update({name: getattr(decision, name) for name in ("gap", "drop", "gained")
                    if getattr(decision, name) is not None})
     if not decision.recalibrated:
         return RecordKeys.tracked(prefix, values)
     values[RecordKeys.before_recal(eval_key)] = decision.eval_before
+    values.update(RecordKeys.bound(decision.report))
     return {**RecordKeys.tracked(prefix, values), eval_key: decision.eval_after}
+
+
+def _tags(decision: Decision) -> dict[str, str]:
+    """The decision in words, for trackers with tags: why, and the verdict once there is one."""
+    return {RecordKeys.REASON: decision.reason, **({RecordKeys.DIAGNOSIS: str(decision.diagnosis.value)}
+                                                   if decision.diagnosis else {})}
 
 
 def _console_line(d: Decision, monitor: str, state: State) -> str:

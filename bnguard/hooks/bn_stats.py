@@ -1,7 +1,8 @@
-"""Per-layer histograms of BatchNorm running statistics, for W&B and TensorBoard."""
+"""Per-layer histograms of BatchNorm running statistics, for W&B, TensorBoard, MLflow and Aim."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from ..recalibration.layers import batchnorm_layers, is_uninitialized, model_dev
 from ..utils.console import WarnOnce
 from ..utils.validation import positive_int
 from .base import Hook
-from .overview import NEVER, SECTION, Overview, due
+from .overview import NEVER, SECTION, Overview, Snapshots, due
 from .state import State
 from .trackers import Histogram, Trackers
 
@@ -69,8 +70,9 @@ def bn_statistics(model: nn.Module, bins: int = 64, include_affine: bool = False
     ranges = [_widened(low, high) for low, high, *_ in totals]
     counts = _bin_counts(values, mask, entry, ranges, bins).cpu()
     out: dict[str, Any] = {}
-    for key, (low, high), row, (*_, num, total, squares) in zip(keys, ranges, counts, totals):
-        out[key] = Histogram(row.numpy(), np.linspace(low, high, bins + 1), int(num), total, squares)
+    for key, (low, high), row, (least, most, num, total, squares) in zip(keys, ranges, counts, totals):
+        extremes = (least, most) if num else (math.nan, math.nan)
+        out[key] = Histogram(row.numpy(), np.linspace(low, high, bins + 1), int(num), total, squares, *extremes)
     summaries = figures[5 * len(parts):]
     for i, (name, _) in enumerate(layers):
         centre, spread, log_var, nonfinite = summaries[4 * i: 4 * i + 4]
@@ -158,7 +160,7 @@ class BNStatsLogger(Hook):
     The overview, under ``at-a-glance/``: a chart of ``train_<metric>``, ``eval_<metric>`` and the eval value
     with the running statistics as trained, per epoch; one chart per summary statistic with a line per layer,
     after each evaluation; and at each recalibration a layers x recalibrations heatmap of how far each one
-    moved each layer (an image in W&B and TensorBoard; :meth:`save_staleness` writes it as a PNG). In a long
+    moved each layer (an image in every tracker; :meth:`save_staleness` writes it as a PNG). In a long
     run the accuracy chart is logged at each of the first 64 epochs, then every 64th; the layer charts and the
     heatmap at the powers of two (W&B keeps every chart table it is given in memory); all of them at the end.
     The history is thinned evenly to at most 512 points (128 per layer line as logged), the heatmap to the
@@ -182,6 +184,7 @@ class BNStatsLogger(Hook):
         self.bins = check_bins(bins)
         self.include_affine, self.input_size = include_affine, input_size
         self.overview = Overview(overview_metric) if overview else None
+        self._snapshots = Snapshots()
         self._logged_step: int | None = None
         self._capture: Any = None
         self._first_input: tuple[tuple, dict] | None = None
@@ -209,7 +212,8 @@ class BNStatsLogger(Hook):
     def on_eval_end(self, state: State) -> None:
         if self.on_eval:
             self._log(state)
-        self._publish(state, layers=self.overview is not None and due(self.overview.layer_rounds.rounds, NEVER))
+        self._publish(state, layers=self.overview is not None and due(self.overview.layer_rounds.rounds, NEVER),
+                      files=True)
 
     def on_epoch_end(self, state: State) -> None:
         if self.overview is None or not state.is_main_process:
@@ -260,9 +264,10 @@ class BNStatsLogger(Hook):
             if self.overview is not None and stats:
                 self.overview.add_layer_statistics(state.step, stats)
 
-    def _publish(self, state: State, *, accuracy: bool = False, layers: bool = False,
-                 staleness: bool = False) -> None:
-        """The overview: charts to W&B, the heatmap to W&B and TensorBoard (main process only)."""
+    def _publish(self, state: State, *, accuracy: bool = False, layers: bool = False, staleness: bool = False,
+                 files: bool = False) -> None:
+        """The overview: charts to W&B, the heatmap to every tracker that shows images, the files to MLflow
+        (main process only)."""
         trackers, overview = state.trackers, self.overview
         if overview is None or not trackers.is_main_process:
             return
@@ -271,8 +276,9 @@ class BNStatsLogger(Hook):
             charts.update(overview.layer_charts() if layers else {})
             for name, chart in charts.items():
                 trackers.log_chart(f"{SECTION}/{name}", chart, state.step)
-        drawn = trackers.wandb_run() is not None or trackers.tensorboard_writer() is not None
-        if staleness and drawn and (image := overview.staleness_image()) is not None:
+        if files and trackers.mlflow_run_id() is not None:  # MLflow's latest picture, at every evaluation
+            trackers.keep_files(self._snapshots.files(bn_statistics(state.model, self.bins), overview))
+        if staleness and trackers.draws_images() and (image := overview.staleness_image()) is not None:
             trackers.log_image(f"{SECTION}/staleness", image, state.step)
 
     def _keep_first_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -61,6 +61,7 @@ class PreciseBN(RecalibratingHook):
         self._outcome: dict[str, Any] = {}
         self._replaced: tuple[nn.Module, dict[torch.Tensor, torch.Tensor]] | None = None
         self._started = False
+        self._bound: dict[str, float] = {}
 
     def on_eval_start(self, state: State) -> None:
         self._started = True
@@ -78,6 +79,7 @@ class PreciseBN(RecalibratingHook):
         self._outcome = {RecordKeys.RECALIBRATED: why_not is None, RecordKeys.SECONDS: time.perf_counter() - started,
                          RecordKeys.SAMPLES: report.samples if why_not is None else 0,
                          RecordKeys.REASON: self._schedule() if why_not is None else f"nothing recalibrated: {why_not}"}
+        self._bound = RecordKeys.bound(report if why_not is None else None)
         if why_not is None:
             state.recalibrated(report)
 
@@ -91,10 +93,14 @@ class PreciseBN(RecalibratingHook):
         if self._replaced is not None and self._outcome[RecordKeys.RECALIBRATED]:
             self._check(state, *self._replaced)
         self._replaced = None
-        state.record.update(RecordKeys.of(self.decision_prefix, self._outcome))
+        outcome = self._outcome
+        state.record.update(RecordKeys.of(self.decision_prefix, outcome))
+        recalibrated = outcome[RecordKeys.RECALIBRATED]
         state.log(RecordKeys.tracked(self.decision_prefix, {
-            RecordKeys.RECALIBRATED: float(self._outcome[RecordKeys.RECALIBRATED]),
-            RecordKeys.SECONDS: self._outcome[RecordKeys.SECONDS]}))
+            RecordKeys.RECALIBRATED: float(recalibrated), RecordKeys.SECONDS: outcome[RecordKeys.SECONDS],
+            RecordKeys.SAMPLES: outcome[RecordKeys.SAMPLES], **(self._bound if recalibrated else {})}))
+        state.trackers.log_tags(RecordKeys.tracked(self.decision_prefix,
+                                                   {RecordKeys.REASON: outcome[RecordKeys.REASON]}))
 
     def _check(self, state: State, model: nn.Module, replaced: dict[torch.Tensor, torch.Tensor]) -> None:
         """The first recalibration against the statistics it replaced, on ``eval_<monitor>``."""

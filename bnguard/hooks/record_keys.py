@@ -14,6 +14,7 @@ class RecordKeys:
     SECONDS = "recal_seconds"  # time spent recalibrating (and re-evaluating)
     SAMPLES = "recal_samples"  # samples the statistics were estimated from, over all processes
     DIAGNOSIS = "diagnosis"  # a bnguard.Verdict value, or None
+    ERROR_BOUND = "recal_error_bound"  # trackers only: the largest layer's error bound of a recalibration
 
     @staticmethod
     def before_recal(eval_key: str) -> str:
@@ -25,6 +26,12 @@ class RecordKeys:
         """One hook's keys: as they are for the only deciding hook, ``<state_key>/<key>`` beside another
         (``AutoRecalibrate/recalibrated``, ``PreciseBN/recalibrated``)."""
         return {f"{prefix}{key}": value for key, value in values.items()}
+
+    @staticmethod
+    def bound(report: Any) -> dict[str, float]:
+        """``{ERROR_BOUND: ...}`` of a recalibration's report, or {} when it has no bound."""
+        bound = report.error_bound if report is not None else None
+        return {RecordKeys.ERROR_BOUND: bound} if bound is not None else {}
 
     @staticmethod
     def tracked(prefix: str, values: dict[str, Any]) -> dict[str, Any]:

@@ -115,8 +115,9 @@ def test_all_layers_at_once_bin_as_histc_does_each_layer_values_on_the_edges_inc
         if layer.affine:
             tensors.update(weight=layer.weight.detach(), bias=layer.bias.detach())
         for key, values in tensors.items():
-            counts, edges, num, total, squares = stats[f"bn/{name}/{key}"]
+            counts, edges, num, total, squares, minimum, maximum = stats[f"bn/{name}/{key}"]
             values = values.double()
+            assert (minimum, maximum) == (values.min().item(), values.max().item())  # exact: no binning
             expected = torch.histc(values, bins=bins, min=float(edges[0]), max=float(edges[-1]))
             assert counts.tolist() == expected.long().tolist() and num == len(values), (name, key)
             assert total == pytest.approx(values.sum().item(), rel=1e-12, abs=1e-12)
