@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch")
-    parser.add_argument("--tracker", choices=["wandb", "tensorboard", "all", "none"], default="wandb")
+    parser.add_argument("--tracker", choices=["wandb", "tensorboard", "mlflow", "aim", "all", "none"],
+                        default="wandb")
     parser.add_argument("--output-dir", help="where the tracker files go (default runs/<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     args = parser.parse_args(argv)

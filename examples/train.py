@@ -5,7 +5,9 @@
     accelerate launch examples/train.py --bnguard off # the problem: eval accuracy swinging between epochs
 
 Leaves in --output-dir: metrics.jsonl (one line per epoch), accuracy.png, the W&B run (offline unless an API
-key is configured; the `wandb sync` command is printed) and, with --tracker tensorboard, TensorBoard events.
+key is configured; the `wandb sync` command is printed) and, with --tracker tensorboard, TensorBoard events;
+--tracker mlflow logs to MLflow (where MLFLOW_TRACKING_URI points), --tracker aim to an Aim repository in
+--output-dir (pip install 'bnguard[mlflow]' or 'bnguard[aim]' first).
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32, help="input height and width (default 32)")
     p.add_argument("--seed", type=int, default=2, help="seed for the split, the weights and the data order")
     p.add_argument("--limit-batches", type=int, help="cap training batches per epoch, for quick runs")
-    p.add_argument("--tracker", choices=["wandb", "tensorboard", "all", "none"], default="wandb",
-                   help="where to log (default wandb, offline when no API key is configured)")
-    p.add_argument("--wandb-project", default="bnguard-example", help="W&B project name")
+    p.add_argument("--tracker", choices=["wandb", "tensorboard", "mlflow", "aim", "all", "none"], default="wandb",
+                   help="where to log (default wandb, offline when no API key is configured; all: W&B and "
+                   "TensorBoard)")
+    p.add_argument("--wandb-project", default="bnguard-example",
+                   help="W&B project name (the MLflow experiment, the Aim experiment)")
     p.add_argument("--output-dir", help="where outputs go (default runs/<timestamp>)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--resume", help="checkpoint folder to resume from, or 'latest' (in --output-dir)")

@@ -107,6 +107,7 @@ def modules_of(folder):
 
 
 FRAMEWORKS = ["lightning", "pytorch_lightning", "transformers"]
+TRACKERS = ["mlflow", "aim"]  # optional extras, imported only when a run logs to them
 
 
 @pytest.mark.parametrize("modules, blocked", [
@@ -114,8 +115,8 @@ FRAMEWORKS = ["lightning", "pytorch_lightning", "transformers"]
     (modules_of("utils"), ["accelerate", "wandb", "tensorboard", *FRAMEWORKS]),
     (modules_of("stats"), ["accelerate", "wandb", "numpy", "tqdm"]),
     (modules_of("recalibration"), ["accelerate", "wandb", "tensorboard", *FRAMEWORKS]),
-    (modules_of("hooks"), ["accelerate", *FRAMEWORKS]),
-    (modules_of("drivers"), FRAMEWORKS),
+    (modules_of("hooks"), ["accelerate", *FRAMEWORKS, *TRACKERS]),
+    (modules_of("drivers"), [*FRAMEWORKS, *TRACKERS]),
     (["cli"], ["accelerate", "wandb", "tensorboard", *FRAMEWORKS]),  # each framework when asked for
 ], ids=["torch-free", "utils", "stats", "recalibration", "hooks", "drivers", "cli"])
 def test_each_folder_imports_without_the_packages_it_must_not_need(modules, blocked):
@@ -128,8 +129,9 @@ def test_the_blocked_import_check_catches_a_forbidden_import():
     assert "ImportError" in result.stderr or "ModuleNotFoundError" in result.stderr
 
 
-def test_bnguard_imports_without_the_frameworks_it_integrates_with():
-    code = f"import sys\nfor name in {FRAMEWORKS!r}:\n    sys.modules[name] = None\nimport bnguard\nprint('OK')"
+def test_every_public_name_imports_without_the_frameworks_and_trackers_it_integrates_with():
+    code = (f"import sys\nfor name in {FRAMEWORKS + TRACKERS!r}:\n    sys.modules[name] = None\nimport bnguard\n"
+            "[getattr(bnguard, name) for name in bnguard.__all__]\nprint('OK')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "OK", result.stderr
 

@@ -55,7 +55,8 @@ class Loop:
         log_every_steps, limit_train_batches: train metrics logged every N steps; at most N batches an epoch.
         checkpoint_every_epochs: ``output_dir/checkpoints/epoch-NNNN`` every this many epochs and at the end.
         output_dir: default ``runs/<timestamp>``, the same folder on every process.
-        tracker: "wandb", "tensorboard", "all", "none" (default: ``log_with``); W&B offline without a key.
+        tracker: "wandb", "tensorboard", "mlflow", "aim", "all" (W&B and TensorBoard), "none", or a list
+            (default: ``log_with``); W&B offline without a key; MLflow where MLFLOW_TRACKING_URI points.
         project, run_name, config: the trackers' project and run name, and extra values for the run config.
         metric, metric_name: per-sample ``metric(logits, targets)`` (default accuracy) as ``*_<metric_name>``.
         recalibration_loader: batches for hooks to recalibrate on, streams too (default: training set shuffles).

@@ -188,7 +188,7 @@ def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path, monkeypa
         ({"hooks": [object()]}, TypeError, "bnguard.Hook"),
         ({"epochs": 0}, ValueError, "epochs must be a positive integer"),
         ({"epochs": None}, ValueError, "give epochs or max_steps"),
-        ({"tracker": "mlflow"}, ValueError, "unknown tracker 'mlflow'"),
+        ({"tracker": "comet_ml"}, ValueError, "unknown tracker 'comet_ml': choose from wandb, tensorboard, mlflow"),
     ],
 )
 def test_bad_input_fails_at_construction(tmp_path, kwargs, error, message):
