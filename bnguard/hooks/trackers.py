@@ -110,12 +110,8 @@ class Trackers:
             import wandb
 
             self.wandb_log({k: wandb.Histogram(np_histogram=(h.counts, h.edges)) for k, h in histograms.items()}, step)
-        writer = self.tensorboard_writer()
-        if writer is not None:
-            for key, h in histograms.items():
-                writer.add_histogram_raw(key, min=float(h.edges[0]), max=float(h.edges[-1]), num=h.num, sum=h.sum,
-                                         sum_squares=h.sum_squares, bucket_limits=h.edges[1:].tolist(),
-                                         bucket_counts=h.counts.tolist(), global_step=step)
+        if (writer := self.tensorboard_writer()) is not None:
+            _tensorboard_histograms(writer, histograms, step)
         if histograms and (run_id := self.mlflow_run_id()) is not None:
             mlflow_aim.mlflow_metrics(run_id, mlflow_aim.summaries(histograms), step)
         if histograms and (run := self.aim_run()) is not None:
@@ -181,6 +177,13 @@ class Trackers:
 
         run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
         return True
+
+
+def _tensorboard_histograms(writer: Any, histograms: dict[str, Histogram], step: int) -> None:
+    for key, h in histograms.items():
+        writer.add_histogram_raw(key, min=float(h.edges[0]), max=float(h.edges[-1]), num=h.num, sum=h.sum,
+                                 sum_squares=h.sum_squares, bucket_limits=h.edges[1:].tolist(),
+                                 bucket_counts=h.counts.tolist(), global_step=step)
 
 
 def _unwrapped(accelerator: Any, name: str) -> Any:
