@@ -16,7 +16,6 @@ TRACKERS = ("wandb", "tensorboard", "mlflow", "aim")
 TRACKER_CHOICES = (*TRACKERS, "all", "none")  # "all": W&B and TensorBoard, which need no setup
 # In the output folder: the id of the tracker's run that a resumed run continues.
 RUN_ID_FILES = {"wandb": "wandb-run-id", "mlflow": "mlflow-run-id", "aim": "aim-run-hash"}
-WANDB_RUN_ID = RUN_ID_FILES["wandb"]
 EXTRAS = {"mlflow": "mlflow", "aim": "aim"}  # trackers whose package comes with an extra of bnguard's
 
 
@@ -113,8 +112,11 @@ def _run_id(name: str, tracker: Any) -> str:
 
 
 def _kept_id(output_dir: Path, name: str) -> str | None:
-    path = output_dir / RUN_ID_FILES.get(name, "")
-    return path.read_text().strip() if name in RUN_ID_FILES and path.is_file() else None
+    """The run id a tracker of this name kept in ``output_dir``, if any."""
+    if name not in RUN_ID_FILES:
+        return None
+    path = output_dir / RUN_ID_FILES[name]
+    return path.read_text().strip() if path.is_file() else None
 
 
 def _keep_id(output_dir: Path, name: str, run_id: str) -> None:
