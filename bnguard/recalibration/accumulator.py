@@ -3,41 +3,39 @@ and merging them across processes."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..stats.moments import Moments, pool_batches
-from ..stats.spread import BatchSpread
+from ..stats.batch_sums import BatchSums
 from ..utils.distributed import all_gather
 from .layers import channels as layer_channels
 
 
 class Merged(NamedTuple):
-    """What every process saw, merged: each layer's totals, the moments and the spread of all channels
-    side by side, and the global batch and sample counts."""
+    """What every process saw, merged: each layer's totals, the sums of all channels side by side (the
+    pooled statistics and their spread), and the global batch and sample counts."""
 
     totals: dict[_BatchNorm, LayerTotals]
-    moments: Moments
-    spread: BatchSpread
+    sums: BatchSums
     batches: int
     samples: int
 
 
 class LayerTotals(NamedTuple):
-    """Everything one layer saw: pooled moments, calls left out as non-finite, samples, calls, and calls
-    left out because they held one value per channel."""
+    """Everything one layer saw: calls left out as non-finite, samples, calls, and calls left out because
+    they held one value per channel."""
 
-    moments: Moments
     nonfinite: int
     samples: int
     calls: int
     one_value: int  # calls left out: one value per channel, which BatchNorm cannot train-normalize
 
 
-# Per layer, these counts travel between processes after the moments and the spread of all channels.
+# Per layer, these counts travel between processes beside the sums of all channels.
 _LAYER_COUNTS = ("nonfinite", "samples", "calls", "one_value")
 
 
@@ -49,9 +47,10 @@ class LayerRows:
     call counter); a subclass with a forward of its own keeps it, fed by the pre-hook :meth:`before_call`.
     """
 
-    def __init__(self, layer: _BatchNorm, means: torch.Tensor, variances: torch.Tensor, flush: Callable[[], None]):
-        self.means, self.variances = means, variances  # chunk x channels, possibly columns of shared tensors
-        self.height = len(means)  # rows in a chunk
+    def __init__(self, layer: _BatchNorm, rows: torch.Tensor, flush: Callable[[], None]):
+        self.stats = rows  # 2 x chunk x channels: means, variances; possibly columns of a shared tensor
+        self.means, self.variances = rows.unbind()  # indexed by an int, a row view costs a third of stats[0, i]
+        self.height = rows.shape[1]  # rows in a chunk
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # row views, made once each, on first use
         self.counts: list[int] = []  # elements per channel of each row written since the last flush
         self.calls: torch.Tensor | None = None  # the batch counter a layer with a forward of its own increments
@@ -82,12 +81,13 @@ class LayerRows:
     def forward_of(self, layer: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
         """A stock BatchNorm forward that writes this call's statistics into its row (torch.batch_norm itself:
         the one-value check that F.batch_norm adds is :meth:`_next_row`'s)."""
+        cudnn = torch.backends.cudnn.enabled  # read once: a property that asks torch at every access
+
         def forward(input: torch.Tensor) -> torch.Tensor:
             layer._check_input_dim(input)
             row = self._next_row(input)
             mean, var = self._statistics if row is None else row
-            return torch.batch_norm(input, layer.weight, layer.bias, mean, var, row is not None, 1.0, layer.eps,
-                                    torch.backends.cudnn.enabled)
+            return torch.batch_norm(input, layer.weight, layer.bias, mean, var, row is not None, 1.0, layer.eps, cudnn)
         return forward
 
     def before_call(self, layer: _BatchNorm, args: tuple, kwargs: dict) -> None:
@@ -105,8 +105,9 @@ class LayerRows:
 
 class Accumulators:
     """The per-call statistics of every recalibrated layer, collected with no device synchronization and
-    pooled for all layers' channels side by side: float64 moments and the :class:`BatchSpread`, whatever the
-    number of layers, in a few dozen tensor operations per chunk of calls."""
+    pooled for all layers' channels side by side into one :class:`BatchSums` (float64 sums that give the
+    pooled statistics and their spread), whatever the number of layers, in a few dozen tensor operations per
+    chunk of calls."""
 
     chunk = 64
 
@@ -114,76 +115,73 @@ class Accumulators:
         self.layers = layers
         buffer = layers[0].running_mean
         self.device = buffer.device
-        widths = torch.tensor([layer_channels(layer) for layer in layers])
-        self.host_index = torch.repeat_interleave(torch.arange(len(layers)), widths)  # each channel's layer
-        self.index = self.host_index.to(self.device)
-        self.widths = widths.tolist()  # channels of each layer
-        self.bounds = torch.cat([torch.zeros(1, dtype=torch.long), widths.cumsum(0)]).tolist()
+        self.widths = [layer_channels(layer) for layer in layers]  # channels of each layer
+        self.bounds = [0, *itertools.accumulate(self.widths)]
         channels = self.bounds[-1]
+        self.host_index = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(self.widths))  # layer of
+        self.index = self.host_index.to(self.device)  # each channel
         self.eps = torch.tensor([layer.eps for layer in layers], dtype=torch.float64, device=self.device)[self.index]
-        # Layers alike in dtype and device write into columns of two shared tensors: pooled as they are.
+        # Layers alike in dtype and device write into columns of one shared tensor: pooled as they are.
         self.shared = all(layer.running_mean.dtype == buffer.dtype and layer.running_mean.device == self.device
                           for layer in layers)
-        self.means = torch.zeros(self.chunk, channels, dtype=buffer.dtype, device=self.device) if self.shared else None
-        self.variances = torch.zeros_like(self.means) if self.shared else None
-        self.of = {}
-        for layer, start, end in zip(layers, self.bounds, self.bounds[1:]):
-            if self.shared:
-                means, variances = self.means[:, start:end], self.variances[:, start:end]
-            else:
-                means = torch.zeros(self.chunk, layer_channels(layer), dtype=layer.running_mean.dtype,
-                                    device=layer.running_mean.device)
-                variances = torch.zeros_like(means)
-            self.of[layer] = LayerRows(layer, means, variances, self.flush)
-        self.moments = Moments.empty(channels, self.device)
+        if self.shared:
+            self.stats = torch.zeros(2, self.chunk, channels, dtype=buffer.dtype, device=self.device)  # means, vars
+            columns = self.stats.split(self.widths, dim=2)
+        else:
+            self.stats = None
+            columns = [torch.zeros(2, self.chunk, width, dtype=layer.running_mean.dtype,
+                                   device=layer.running_mean.device) for layer, width in zip(layers, self.widths)]
+        self.of = {layer: LayerRows(layer, rows, self.flush) for layer, rows in zip(layers, columns)}
         self.nonfinite = torch.zeros(len(layers), dtype=torch.long, device=self.device)
-        self.spread = BatchSpread.empty(channels, self.device)
+        self.sums = BatchSums.empty(channels, self.device)
 
-    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rows written since the last flush, all layers side by side: counts, means and variances
-        (R x C, float64), which entries to pool (R x C), and each layer's rows left out as non-finite (L)."""
-        rows = [self.of[layer] for layer in self.layers]
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows written since the last flush, all layers side by side: each entry's count (R x C, 0 where
+        the layer was not called or its call was not finite), means and variances (R x C, float64), and
+        each layer's calls left out as non-finite (L)."""
+        rows = list(self.of.values())
         height = max(len(r.counts) for r in rows)
         counts = torch.tensor([r.counts + [0] * (height - len(r.counts)) for r in rows], dtype=torch.float64)
         counts = counts.to(self.device, non_blocking=True).t()
         if self.shared:
-            means, variances = self.means[:height].double(), self.variances[:height].double()
+            stats = self.stats[:, :height].double()
         else:
-            means = torch.cat([r.means[:height].to(self.device, torch.float64) for r in rows], dim=1)
-            variances = torch.cat([r.variances[:height].to(self.device, torch.float64) for r in rows], dim=1)
+            stats = torch.cat([r.stats[:, :height].to(self.device, torch.float64) for r in rows], dim=2)
         # A call is non-finite where the float64 sum of its layer's means and variances is (no overflow there).
         sums = torch.zeros(height, len(rows), dtype=torch.float64, device=self.device).index_add_(
-            1, self.index, means + variances)
+            1, self.index, stats.sum(dim=0))
         bad = ~torch.isfinite(sums) & (counts > 0)
-        valid = ((counts > 0) & ~bad)[:, self.index]
-        return counts[:, self.index], means, variances, valid, bad.sum(0)
+        return torch.where(bad, 0.0, counts).index_select(1, self.index), stats[0], stats[1], bad.sum(0)
 
     @property
     def pending(self) -> bool:
         """Whether any layer has rows written since the last flush."""
         return any(rows.counts for rows in self.of.values())
 
-    def flush(self, reuse_rows: bool = True) -> None:
-        """Pools every row written so far into the moments and the spread, and frees the rows."""
-        if not self.pending:
-            return
-        counts, means, variances, valid, dropped = self._rows()
-        self.moments = self.moments.merge(pool_batches(counts, means, variances, valid)[0])
-        self.spread = self.spread.add(counts, means, variances, valid)
-        self.nonfinite += dropped
+    def flush(self, final: bool = False) -> None:
+        """Adds every row written so far to the sums, and clears the rows for the next calls; ``final``: the
+        passes are over, and the rows' memory is given back instead."""
+        if self.pending:
+            counts, means, variances, dropped = self._rows()
+            self.sums = self.sums.add(counts, means, variances)
+            self.nonfinite += dropped
         for rows in self.of.values():
             rows.counts = []
-        if reuse_rows:  # momentum 1 computes 0 * old + batch: a NaN left in a row would poison its next call
-            for tensor in [self.means, self.variances] if self.shared else [
-                    t for rows in self.of.values() for t in (rows.means, rows.variances)]:
+            if final:
+                rows.stats = rows.means = rows.variances = None
+                rows.rows = []
+        if final:
+            self.stats = None
+        else:  # momentum 1 computes 0 * old + batch: a NaN left in a row would poison its next call
+            for tensor in [self.stats] if self.shared else [rows.stats for rows in self.of.values()]:
                 tensor.zero_()
 
-    def sum_spread(self) -> BatchSpread:
-        """The spread of every call so far, the rows not yet pooled included."""
+    def current_sums(self) -> BatchSums:
+        """The sums of every call so far, the rows not yet pooled included."""
         if not self.pending:
-            return self.spread
-        counts, means, variances, valid, _ = self._rows()
-        return self.spread.add(counts, means, variances, valid)
+            return self.sums
+        counts, means, variances, _ = self._rows()
+        return self.sums.add(counts, means, variances)
 
     def counts(self) -> torch.Tensor:
         """Per layer, this process's :data:`_LAYER_COUNTS` (L x 4, float64)."""
@@ -192,39 +190,34 @@ class Accumulators:
         return torch.cat([self.nonfinite.double()[:, None], host], dim=1)
 
 
-def merged_spreads(spread: BatchSpread, flags: torch.Tensor, world_size: int) -> tuple[BatchSpread, torch.Tensor]:
-    """Every process's spread merged in rank order (bit-identical on all of them), and every process's
+def merged_sums(sums: BatchSums, flags: torch.Tensor, world_size: int) -> tuple[BatchSums, torch.Tensor]:
+    """Every process's sums merged in rank order (bit-identical on all of them), and every process's
     ``flags`` (a float64 vector), one row per rank. One all_gather carries both."""
     if world_size == 1:
-        return spread, flags[None]
-    gathered = all_gather(torch.cat([flags, spread.packed()]), world_size)
-    merged = BatchSpread.empty(spread.shift.numel(), spread.shift.device)
+        return sums, flags[None]
+    gathered = all_gather(torch.cat([flags, sums.packed()]), world_size)
+    merged = BatchSums.empty(sums.shift.numel(), sums.shift.device)
     for vector in gathered:
-        merged = merged.merge(BatchSpread.unpacked(vector[flags.numel():], spread.shift.numel()))
+        merged = merged.merge(BatchSums.unpacked(vector[flags.numel():], sums.shift.numel()))
     return merged, torch.stack([vector[:flags.numel()] for vector in gathered])
 
 
 def merge_processes(accumulators: Accumulators, seen_batches: int, seen_samples: int, world_size: int) -> Merged:
     """Everything every process saw, bit-identical on all of them. One all_gather carries it."""
-    accumulators.flush(reuse_rows=False)
-    moments, spread, counts = accumulators.moments, accumulators.spread, accumulators.counts()
+    accumulators.flush(final=True)
+    sums, counts = accumulators.sums, accumulators.counts()
     header = torch.tensor([seen_batches, seen_samples], dtype=torch.float64, device=accumulators.device)
     if world_size > 1:
-        local = [header, counts.flatten(), moments.count, moments.mean, moments.m2, spread.packed()]
+        local = [header, counts.flatten(), sums.packed()]
         gathered = all_gather(torch.cat(local), world_size)
-        channels = moments.mean.numel()
-        moments, spread = Moments.empty(channels, accumulators.device), BatchSpread.empty(channels, accumulators.device)
+        channels = sums.shift.numel()
+        sums = BatchSums.empty(channels, accumulators.device)
         header, counts = torch.zeros_like(header), torch.zeros_like(counts)
         for vector in gathered:  # rank order, so every process computes the same bits
             parts = vector.split([part.numel() for part in local])
             header, counts = header + parts[0], counts + parts[1].reshape(counts.shape)
-            moments = moments.merge(Moments(*parts[2:5]))
-            spread = spread.merge(BatchSpread.unpacked(parts[5], channels))
+            sums = sums.merge(BatchSums.unpacked(parts[2], channels))
     figures = torch.cat([header, counts.flatten()]).tolist()  # one synchronization for every layer's counts
-    totals = {}
-    for i, layer in enumerate(accumulators.layers):
-        start, end = accumulators.bounds[i], accumulators.bounds[i + 1]
-        layer_counts = figures[2 + 4 * i: 6 + 4 * i]
-        totals[layer] = LayerTotals(Moments(moments.count[start:end], moments.mean[start:end], moments.m2[start:end]),
-                                    *map(int, layer_counts))
-    return Merged(totals, moments, spread, int(figures[0]), int(figures[1]))
+    totals = {layer: LayerTotals(*map(int, figures[2 + 4 * i: 6 + 4 * i]))
+              for i, layer in enumerate(accumulators.layers)}
+    return Merged(totals, sums, int(figures[0]), int(figures[1]))

@@ -124,9 +124,9 @@ def batchnorm_in_train_mode(model: nn.Module, layers: Iterable[_BatchNorm], *, o
     mode and the global random states are as before (dropout inside draws from the same stream as it would
     have without the passes). A Ctrl-C inside waits for :func:`raise_if_interrupted` or the end of the block.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    saved = {layer: dict(layer._buffers) for _, layer in batchnorm_layers(model)
-             if tracks_statistics(layer) and not is_uninitialized(layer)}
+    modes = [(module, module.training) for module in model.modules()]  # a wrapper's own mode too
+    saved = {layer: dict(layer._buffers) for layer, _ in modes
+             if isinstance(layer, _BatchNorm) and tracks_statistics(layer) and not is_uninitialized(layer)}
     kept = {id(layer) for layer in never_written}
     with interrupts_deferred(), preserved_rng():
         try:

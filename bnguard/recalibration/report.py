@@ -13,6 +13,26 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from ..utils.console import text_table
 
 
+class _ReadWhenAsked:
+    """A field of a frozen dataclass that may be given a function of no arguments in place of its value: the
+    function runs when the field is first read, and its value is kept (a dataclass descriptor-typed field).
+    The error bounds cost more than the rest of a report, and many callers never read them."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, report: Any, owner: type | None = None) -> Any:
+        if report is None:
+            return None  # the field's default
+        value = report.__dict__[self.slot]
+        if callable(value):
+            value = report.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, report: Any, value: Any) -> None:
+        report.__dict__[self.slot] = value
+
+
 @dataclass(frozen=True)
 class LayerReport:
     """One BatchNorm layer's outcome.
@@ -36,12 +56,15 @@ class LayerReport:
     mean_shift_mean: float = 0.0
     var_log_ratio_max: float = 0.0
     var_log_ratio_mean: float = 0.0
-    error_bound: float | None = None
+    error_bound: float | None = _ReadWhenAsked()  # type: ignore[assignment]
     skipped: str | None = None
 
     @property
     def recalibrated(self) -> bool:
         return self.skipped is None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_error_bound": self.error_bound}  # a bound not read yet is computed, not pickled
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 
+from ..stats.batch_sums import BatchSums
 from ..stats.confidence import CONFIDENCE, sidak_quantile, t_widening
-from ..stats.spread import BatchSpread
-from .accumulator import Accumulators, merged_spreads
+from .accumulator import Accumulators, merged_sums
 from .layers import channels as layer_channels
 
 TOLERANCE_MET = "tolerance met"
@@ -24,7 +26,7 @@ MAX_STEPS = 60  # bisection alone would reach 1e-10 of the bracket in 34; Newton
 
 
 class ErrorBounds:
-    """Per-layer error bounds of the pooled statistics, from the accumulators' batch spreads: the largest
+    """Per-layer error bounds of the pooled statistics, from the spread between batches: the largest
     over channels of |mean error| / std and |variance error| / variance at 95% confidence for all of the
     layer's channels together (:mod:`bnguard.confidence`). With several processes every rank merges the same
     figures and so decides the same; each check is one all_gather. ``tolerance``: what :meth:`check` asks of
@@ -40,7 +42,6 @@ class ErrorBounds:
         self.starts = torch.tensor(accumulators.bounds[:-1], device=accumulators.device)
         self.estimate_index = accumulators.host_index.repeat(2)  # a mean and a variance per channel
         self.next_check = FIRST_CHECK
-        self.order: list[tuple[float, int]] = []
 
     def due(self, step: int) -> bool:
         return step >= self.next_check
@@ -50,39 +51,45 @@ class ErrorBounds:
         yet, a branch not taken, waits for no one), and whether every process is ``done``. Deciding needs
         the joint coverage at ``tolerance`` only, not the bounds themselves."""
         self.next_check = step + max(CHECK_SPACING, step // CHECK_GROWTH)
-        errors, counts, widening, everyone_done = self._measure(self.accumulators.sum_spread(), done, merged=False)
+        errors, counts, widening, everyone_done = self._measure(self.accumulators.current_sums(), done, merged=False)
         within = joint_coverage_at(self.tolerance, errors, self.estimate_index, widening).tolist()
         fed = [ok for ok, batches in zip(within, counts) if batches]
         return bool(fed) and all(fed), everyone_done
 
-    def of(self, spread: BatchSpread, *, merged: bool) -> list[float | None]:
-        """Every layer's bound from ``spread`` (all layers' channels), None for a layer that got no batch;
-        this process's spread, merged over processes here, unless ``merged``."""
-        errors, counts, widening, _ = self._measure(spread, True, merged=merged)
+    def of(self, sums: BatchSums, *, merged: bool) -> list[float | None]:
+        """Every layer's bound from ``sums`` (all layers' channels), None for a layer that got no batch or
+        whose bound is unknown; this process's sums, merged over processes here, unless ``merged``."""
+        errors, counts, widening, _ = self._measure(sums, True, merged=merged)
         bounds = joint_bounds(errors, self.estimate_index, widening)
-        return [None if b == 0 else bound for bound, b in zip(bounds.tolist(), counts)]
+        return [bound if b and math.isfinite(bound) else None for bound, b in zip(bounds.tolist(), counts)]
 
-    def _measure(self, spread: BatchSpread, done: bool, *, merged: bool
+    def deferred(self, sums: BatchSums) -> list[Callable[[], float | None]]:
+        """Every layer's bound from the merged ``sums`` as a function that computes them all on its first call:
+        a caller who never reads the bounds does not pay for them. No collective: any rank may call it."""
+        every = functools.cache(lambda: self.of(sums, merged=True))
+        return [lambda i=i: every()[i] for i in range(len(self.channels))]
+
+    def _measure(self, sums: BatchSums, done: bool, *, merged: bool
                  ) -> tuple[torch.Tensor, list[int], torch.Tensor, bool]:
         """The relative standard errors of every estimate (on the CPU), each layer's batches and t widening,
-        and whether every process is ``done``; notes how ordered each layer's stream looks."""
+        and whether every process is ``done``."""
         flag = torch.tensor([float(done)], dtype=torch.float64, device=self.eps.device)
-        whole, flags = merged_spreads(spread, flag, 1 if merged else self.world_size)
+        whole, flags = merged_sums(sums, flag, 1 if merged else self.world_size)
         layers = len(self.channels)
-        order = torch.zeros(layers, dtype=torch.float64, device=self.eps.device).index_add_(
-            0, self.index, whole.order_ratio().nan_to_num(1.0))
-        figures = torch.cat([*whole.relative_errors(self.eps), whole.batches[self.starts], order,
-                             flags[:, 0]]).cpu()  # one synchronization
-        errors, batches, order, flags = figures.split([2 * self.index.numel(), layers, layers, flags.shape[0]])
+        figures = torch.cat([*whole.relative_errors(self.eps), whole.batches[self.starts], flags[:, 0]]).cpu()
+        errors, batches, flags = figures.split([2 * self.index.numel(), layers, flags.shape[0]])  # one sync
         counts = [int(b) for b in batches.tolist()]
         widening = torch.tensor([t_widening(2 * c, b) for c, b in zip(self.channels, counts)], dtype=torch.float64)
-        self.order = [(total / channels, b) for total, channels, b in zip(order.tolist(), self.channels, counts)]
         return errors, counts, widening, bool(flags.all())
 
-    def ordered(self) -> list[int]:
-        """The layers (by position) whose batches look ordered at the last check, not a random sample."""
-        return [i for i, (ratio, batches) in enumerate(self.order)
-                if batches >= ORDERED_MIN_BATCHES and ratio < ORDERED_BELOW]
+    def ordered(self, sums: BatchSums) -> list[int]:
+        """The layers (by position) whose batches in the merged ``sums`` look ordered, not a random sample."""
+        layers = len(self.channels)
+        ratios = torch.zeros(layers, dtype=torch.float64, device=self.eps.device).index_add_(
+            0, self.index, sums.order_ratio().nan_to_num(1.0))
+        figures = torch.cat([ratios, sums.batches[self.starts]]).tolist()
+        return [i for i, (total, channels, batches) in enumerate(zip(figures[:layers], self.channels, figures[layers:]))
+                if batches >= ORDERED_MIN_BATCHES and total / channels < ORDERED_BELOW]
 
 
 def _scales(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -15,11 +15,12 @@ from .report import LayerReport
 
 def write_statistics(
     layers: list[tuple[str, _BatchNorm]], reasons: dict[str, str], merged: Merged, accumulators: Accumulators,
-    bounds: dict[_BatchNorm, float | None],
+    bounds: dict[_BatchNorm, Callable[[], float | None]],
 ) -> list[LayerReport]:
-    """Stores the new statistics of every layer, all or none, and reports each layer."""
+    """Stores the new statistics of every layer, all or none, and reports each layer (``bounds``: each
+    layer's error bound, computed when the report is first asked for it)."""
     reports: list[LayerReport] = []
-    means, variances = merged.moments.mean, merged.moments.variance(unbiased=True)  # every channel at once
+    means, variances = merged.sums.pooled()  # every channel at once
     movements = iter(_movements(means, variances, accumulators))
     columns = zip(means.split(accumulators.widths), variances.split(accumulators.widths))
     updates = []
@@ -29,7 +30,7 @@ def write_statistics(
             continue
         seen, movement, (mean, variance) = merged.totals[layer], next(movements), next(columns)
         counts = {"name": name, "samples": seen.samples, "batches": seen.calls, "nonfinite_batches": seen.nonfinite,
-                  "one_value_batches": seen.one_value, "error_bound": _finite_or_none(bounds[layer])}
+                  "one_value_batches": seen.one_value, "error_bound": bounds[layer]}
         pooled_calls = seen.calls - seen.nonfinite
         if seen.calls == 0 or pooled_calls == 0:
             reason = "no batch with finite statistics" if seen.calls else (
@@ -57,10 +58,6 @@ def _movements(means: torch.Tensor, variances: torch.Tensor, accumulators: Accum
                                                              include_self=False)
     mean = both.new_zeros(len(layers), 2).index_add_(0, index, both) / torch.bincount(index)[:, None]
     return torch.stack([largest[:, 0], mean[:, 0], largest[:, 1], mean[:, 1]], dim=1).tolist()
-
-
-def _finite_or_none(bound: float | None) -> float | None:
-    return bound if bound is not None and math.isfinite(bound) else None
 
 
 def _store(updates: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, int]]) -> None:

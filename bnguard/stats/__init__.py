@@ -1,2 +1,2 @@
-"""Layer 1, the statistics core: pooled moments, the spread between batches, confidence quantiles. Pure
+"""Layer 1, the statistics core: the pooled statistics of batches and their spread, confidence quantiles. Pure
 arithmetic on torch tensors; imports neither accelerate nor wandb."""

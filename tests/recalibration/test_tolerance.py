@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -9,71 +10,10 @@ import torch
 from torch import nn
 
 import bnguard
+from bnguard.recalibration import stopping
 from bnguard.recalibration.stopping import CHECK_GROWTH, CHECK_SPACING, FIRST_CHECK, joint_bounds
 from bnguard.stats.confidence import sidak_quantile, t_widening, two_sided_t_quantile
-from bnguard.stats.moments import pool_batches
-from bnguard.stats.spread import BatchSpread
 from helpers import assert_same_tensors, buffers_of, tiny_resnet
-
-
-def random_batches(count=50, channels=3, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    counts = torch.randint(10, 40, (count,), generator=generator).double()
-    means = torch.randn(count, channels, generator=generator, dtype=torch.float64) * 0.3 + 1e4
-    variances = torch.rand(count, channels, generator=generator, dtype=torch.float64) + 0.5
-    return counts, means, variances
-
-
-def direct_relative_errors(counts, means, variances):
-    """The delta-method standard errors written out batch by batch, in float64, about the pooled mean."""
-    pooled, _ = pool_batches(counts, means, variances)
-    n, b = counts.sum(), len(counts)
-    w = (counts / n)[:, None]
-    q = ((counts - 1) / counts)[:, None] * variances + (means - pooled.mean).square()
-    var_of_mean = b / (b - 1) * (w * (means - pooled.mean)).square().sum(dim=0)
-    var_of_var = b / (b - 1) * (w * (q - pooled.m2 / n)).square().sum(dim=0)
-    variance = pooled.variance()
-    return var_of_mean.sqrt() / variance.sqrt(), var_of_var.sqrt() / variance
-
-
-def test_spread_sums_give_the_direct_standard_errors_far_from_zero_and_in_pieces():
-    counts, means, variances = random_batches()
-    spread = BatchSpread.empty(3)
-    for start, end in [(0, 7), (7, 30), (30, 50)]:
-        spread = spread.add(counts[start:end], means[start:end], variances[start:end])
-    torch.testing.assert_close(spread.relative_errors(0.0), direct_relative_errors(counts, means, variances),
-                               rtol=1e-9, atol=0)
-    assert spread.batches.tolist() == [50.0] * 3
-
-
-def test_spreads_about_other_shifts_merge_exactly():
-    counts, means, variances = random_batches()
-    whole = BatchSpread.empty(3).add(counts, means, variances)
-    halves = BatchSpread.empty(3).add(counts[:20], means[:20], variances[:20]).merge(
-        BatchSpread.empty(3).add(counts[20:], means[20:], variances[20:]))  # sums about another shift
-    assert not torch.equal(halves.shift, whole.shift)
-    torch.testing.assert_close(halves.first, whole.shifted(halves.shift).first, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(halves.second, whole.shifted(halves.shift).second, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(halves.relative_errors(0.0), whole.relative_errors(0.0), rtol=1e-9, atol=0)
-
-
-def test_nonfinite_batches_are_left_out_of_the_spread_as_of_the_pooled_statistics():
-    counts, means, variances = random_batches(count=12)
-    poisoned_means = torch.cat([means[:1] * math.nan, means[:5], means[5:6] * math.inf, means[5:]])
-    poisoned_vars = torch.cat([variances[:1], variances[:5], variances[5:6], variances[5:]])
-    poisoned_counts = torch.cat([counts[:1], counts[:5], counts[5:6], counts[5:]])
-    spread = BatchSpread.empty(3).add(poisoned_counts, poisoned_means, poisoned_vars)
-    assert spread.batches.tolist() == [12.0] * 3
-    torch.testing.assert_close(spread.relative_errors(0.0), direct_relative_errors(counts, means, variances),
-                               rtol=1e-9, atol=0)
-
-
-def test_order_ratio_tells_a_sorted_stream_from_a_shuffled_one():
-    counts, means, variances = random_batches(count=200)
-    shuffled = BatchSpread.empty(3).add(counts, means, variances).order_ratio()
-    ordered = BatchSpread.empty(3).add(counts, means.sort(dim=0).values, variances).order_ratio()
-    assert ((shuffled > 0.7) & (shuffled < 1.3)).all(), shuffled
-    assert (ordered < 0.05).all(), ordered
 
 
 def test_t_quantiles_match_the_tables():
@@ -201,6 +141,22 @@ def test_one_batch_bounds_nothing():
     report = bnguard.recalibrate(resnet(), image_batches(1), tolerance=0.5, progress=False)
     assert report.stopped == "end of data"
     assert report.error_bound is None and all(layer.error_bound is None for layer in report.recalibrated)
+
+
+def test_the_bounds_are_computed_once_for_all_layers_when_first_read(monkeypatch):
+    solved = []
+    monkeypatch.setattr(stopping, "joint_bounds", lambda *args: solved.append(args) or joint_bounds(*args))
+    batches = image_batches(12)
+    report = bnguard.recalibrate(resnet(), batches, progress=False)
+    assert solved == []  # the statistics are written, the bounds not yet computed
+    first = report.recalibrated[-1].error_bound
+    assert len(solved) == 1 and 0 < first < math.inf
+    bounds = [layer.error_bound for layer in report.recalibrated]
+    assert len(solved) == 1 and bounds[-1] == first and report.error_bound == max(bounds)
+    unread = bnguard.recalibrate(resnet(), batches, progress=False)
+    assert pickle.loads(pickle.dumps(unread)).layers == report.layers  # pickled with its bounds, computed on the way
+    assert bnguard.LayerReport("bn").error_bound is None
+    assert bnguard.LayerReport("bn", error_bound=0.2) == bnguard.LayerReport("bn", error_bound=lambda: 0.2)
 
 
 def test_an_ordered_stream_is_named_and_a_shuffled_one_is_not():

@@ -1,13 +1,17 @@
-"""How far pooled statistics can be from their limit for unlimited data: standard errors from the spread
-between batches. Pure torch.
+"""Exact pooled per-channel statistics, and how far they can be from their limit for unlimited data. Pure torch.
 
-Batches drawn at random from the data are independent, so their statistics are independent draws, and the
-spread between them measures the error of the pooled estimate whatever the correlation between the elements
-of one batch (neighbouring pixels of an image). Batch b holds n_b elements per channel, with mean m_b and
-unbiased variance v_b. Around a shift K (a batch mean, against cancellation) its features are
-f_b = (1, d_b, r_b), with d_b = m_b - K and r_b = (n_b - 1) / n_b * v_b + d_b^2 its mean square about K. The
-sums S1 = sum n_b f_b and S2 = sum n_b^2 f_b f_b^T give the pooled mean M = K + D and variance V, and by
-linearization (the delta method) the variances of their errors:
+Batch b holds n_b elements per channel, with mean m_b and unbiased variance v_b (as BatchNorm reports them).
+Around a shift K (a batch mean, against cancellation) its features are f_b = (1, d_b, r_b), with
+d_b = m_b - K and r_b = (n_b - 1) / n_b * v_b + d_b^2 its mean square about K. Everything follows from the
+float64 sums S1 = sum n_b f_b and S2 = sum n_b^2 f_b f_b^T:
+
+- the pooled mean K + D and M2 (sum of squared deviations from it) of all N elements, with D = S1_d / N and
+  M2 = S1_r - N D^2: the exact statistics of the union, spread of the batch means included. About a shift
+  near the data, unlike ``E[x^2] - E[x]^2``, this does not cancel when the mean is large against the spread;
+- the standard errors of the pooled mean and variance. Batches drawn at random from the data are
+  independent, so their statistics are independent draws, and the spread between them measures the error
+  whatever the correlation between the elements of one batch (neighbouring pixels of an image). By
+  linearization (the delta method):
 
     var(M) ~ B / (B - 1) * sum n_b^2 (d_b - D)^2 / N^2
     var(V) ~ B / (B - 1) * sum n_b^2 (q_b - V)^2 / N^2,   q_b = r_b - 2 D d_b + D^2
@@ -19,13 +23,12 @@ exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
 
 @dataclass(frozen=True)
-class BatchSpread:
+class BatchSums:
     """Per-channel sums over batches of their statistics' features, in float64.
 
     ``successive`` sums the squared differences of consecutive batch means, over ``pairs`` pairs; against
@@ -41,43 +44,51 @@ class BatchSpread:
     last: torch.Tensor  # (C,): the last batch mean, from which the next call's first difference is taken
 
     @classmethod
-    def empty(cls, channels: int, device: torch.device | str | None = None) -> BatchSpread:
+    def empty(cls, channels: int, device: torch.device | str | None = None) -> BatchSums:
         zeros = torch.zeros(channels, dtype=torch.float64, device=device)
         return cls(zeros, zeros, zeros.new_zeros(channels, 3), zeros.new_zeros(channels, 3, 3), zeros, zeros, zeros)
 
-    def add(self, counts: torch.Tensor, means: torch.Tensor, unbiased_vars: torch.Tensor,
-            valid: torch.Tensor | None = None) -> BatchSpread:
+    def add(self, counts: torch.Tensor, means: torch.Tensor, unbiased_vars: torch.Tensor) -> BatchSums:
         """With B more batches, in the order they came: ``counts`` (B, or B x C) elements per channel,
-        ``means`` and ``unbiased_vars`` (B x C) as BatchNorm reports them. ``valid`` (B x C) says which
-        entries are batches to add (by default the rows whose values are all finite)."""
-        means, unbiased_vars = means.double(), unbiased_vars.double()
-        if valid is None:
-            valid = (torch.isfinite(means).all(dim=1) & torch.isfinite(unbiased_vars).all(dim=1))[:, None]
-        valid = valid.expand_as(means)
-        n = torch.where(valid, counts.double().reshape(len(means), -1), 0.0)
+        ``means`` and ``unbiased_vars`` (B x C) as BatchNorm reports them. An entry whose count is 0 is no
+        batch: it is left out whatever its values (a non-finite batch, a layer not called)."""
+        n = counts.double().reshape(len(means), -1).expand(means.shape)
+        valid = n > 0
+        # The values left out are replaced, not only weighed by 0: 0 * NaN would not vanish.
+        means, unbiased_vars = torch.where(valid, means.double(), 0.0), torch.where(valid, unbiased_vars.double(), 0.0)
         taken = valid.sum(dim=0)
         seen = taken > 0
         # A first shift: the mean of these batch means, near the data, so the sums about it do not cancel.
-        start = torch.where(valid, means, 0.0).sum(dim=0) / taken.clamp(min=1)
-        shift = torch.where(self.batches > 0, self.shift, torch.where(seen, start, 0.0))
-        d = torch.where(valid, means - shift, 0.0)
-        r = torch.where(valid, unbiased_vars * ((n - 1.0).clamp(min=0.0) / n.clamp(min=1.0)) + d.square(), 0.0)
-        weighted = torch.stack([n.t(), (n * d).t(), (n * r).t()], dim=1)  # n_b f_b, C x 3 x B
-        steps = torch.cat([means[:1] - self.last[None], means[1:] - means[:-1]])
+        shift = torch.where(self.batches > 0, self.shift, means.sum(dim=0) / taken.clamp(min=1))
+        weighted = torch.empty(3, *means.shape, dtype=torch.float64, device=means.device)  # n_b f_b
+        by_channel = weighted.permute(2, 1, 0)  # C x B x 3: one batched product gives every S2
+        n_f, nd, nr = weighted.unbind()
+        d = means - shift
+        n_f.copy_(n)
+        torch.mul(n, d, out=nd)  # 0 where left out, as n r
+        torch.mul(nd, d, out=nr).addcmul_(n, unbiased_vars).sub_(unbiased_vars)  # (n - 1) v + n d^2
         pair = valid & torch.cat([(self.batches > 0)[None], valid[:-1]])
+        steps = torch.diff(means, dim=0, prepend=self.last[None])
         rows = torch.arange(1, len(means) + 1, device=means.device)[:, None]
         last_row = (valid * rows).amax(dim=0, keepdim=True).sub(1).clamp(min=0)
-        return BatchSpread(
+        return BatchSums(
             shift=shift,
             batches=self.batches + taken,
-            first=self.first + weighted.sum(dim=2),
-            second=self.second + torch.bmm(weighted, weighted.transpose(1, 2)),
-            successive=self.successive + torch.where(pair, steps.square(), 0.0).sum(dim=0),
+            first=self.first + weighted.sum(dim=1).t(),
+            second=self.second + torch.bmm(by_channel.transpose(1, 2), by_channel),
+            successive=self.successive + (steps.square() * pair).sum(dim=0),
             pairs=self.pairs + pair.sum(dim=0),
             last=torch.where(seen, means.gather(0, last_row)[0], self.last),
         )
 
-    def shifted(self, shift: torch.Tensor) -> BatchSpread:
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, the mean and the unbiased variance (n - 1 denominator, as BatchNorm stores
+        ``running_var``) of all the elements of the batches summed: K + D and M2 / (N - 1)."""
+        count, sum_d, sum_r = self.first.unbind(dim=1)
+        offset = sum_d / count.clamp(min=1.0)
+        return self.shift + offset, (sum_r - offset * sum_d).clamp(min=0.0) / (count - 1.0)
+
+    def shifted(self, shift: torch.Tensor) -> BatchSums:
         """The same sums about another shift: d' = d + delta, r' = r + 2 delta d + delta^2."""
         delta = self.shift - shift
         zero, one = torch.zeros_like(delta), torch.ones_like(delta)
@@ -85,13 +96,13 @@ class BatchSpread:
                          torch.stack([delta.square(), 2 * delta, one], -1)], dim=-2)  # (C, 3, 3): f' = a f
         first = torch.einsum("ckl,cl->ck", a, self.first)
         second = torch.einsum("ckl,clm,cnm->ckn", a, self.second, a)
-        return BatchSpread(shift, self.batches, first, second, self.successive, self.pairs, self.last)
+        return BatchSums(shift, self.batches, first, second, self.successive, self.pairs, self.last)
 
-    def merge(self, other: BatchSpread) -> BatchSpread:
+    def merge(self, other: BatchSums) -> BatchSums:
         """Both sets of batches, about this one's shift (the other's when this one is empty)."""
         shift = torch.where(self.batches > 0, self.shift, other.shift)
         mine, theirs = self.shifted(shift), other.shifted(shift)
-        return BatchSpread(shift, mine.batches + theirs.batches, mine.first + theirs.first,
+        return BatchSums(shift, mine.batches + theirs.batches, mine.first + theirs.first,
                            mine.second + theirs.second, mine.successive + theirs.successive,
                            mine.pairs + theirs.pairs, torch.where(other.batches > 0, other.last, self.last))
 
@@ -103,27 +114,21 @@ class BatchSpread:
         return torch.cat([part.flatten() for part in self._parts()])
 
     @classmethod
-    def unpacked(cls, vector: torch.Tensor, channels: int) -> BatchSpread:
-        """The spread that :meth:`packed` gave ``vector`` for."""
+    def unpacked(cls, vector: torch.Tensor, channels: int) -> BatchSums:
+        """The sums that :meth:`packed` gave ``vector`` for."""
         shapes = [part.shape for part in cls.empty(channels, "meta")._parts()]
         parts = vector.split([shape.numel() for shape in shapes])
         return cls(*(part.reshape(shape) for part, shape in zip(parts, shapes)))
-
-    @cached_property
-    def _centered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pooled features F = S1 / N = (1, D, R) and sum n_b^2 (f_b - F)(f_b - F)^T (computed once: both
-        the errors and the order ratio need them)."""
-        moments = self.first / self.first[:, :1].clamp(min=1.0)
-        outer = moments[:, :, None] * self.second[:, None, :, 0]
-        centered = (self.second - outer - outer.transpose(1, 2)
-                    + self.second[:, :1, :1] * moments[:, :, None] * moments[:, None, :])
-        return moments, centered
 
     def relative_errors(self, eps: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the standard errors of the pooled mean over sqrt(V + eps) and of the pooled variance
         over V + eps. Infinite below two batches."""
         n, b = self.first[:, 0], self.batches
-        moments, centered = self._centered
+        # The pooled features F = S1 / N = (1, D, R) and sum n_b^2 (f_b - F)(f_b - F)^T.
+        moments = self.first / n.clamp(min=1.0)[:, None]
+        outer = moments[:, :, None] * self.second[:, None, :, 0]
+        centered = (self.second - outer - outer.transpose(1, 2)
+                    + self.second[:, :1, :1] * moments[:, :, None] * moments[:, None, :])
         d = moments[:, 1]
         variance = (moments[:, 2] - d.square()).clamp(min=0.0) * n / (n - 1.0).clamp(min=1.0)
         influence = torch.stack([torch.zeros_like(d), -2 * d, torch.ones_like(d)], dim=-1)  # of q_b, per f_b
@@ -136,6 +141,7 @@ class BatchSpread:
     def order_ratio(self) -> torch.Tensor:
         """Per channel, the mean squared difference of consecutive batch means over twice their variance:
         about 1 for batches in random order, near 0 when each batch resembles the one before."""
-        _, centered = self._centered
-        spread = centered[:, 1, 1] / self.second[:, 0, 0].clamp(min=1.0)
+        d = self.first[:, 1] / self.first[:, 0].clamp(min=1.0)
+        weights, weighted_d, weighted_d2 = self.second[:, 0, 0], self.second[:, 0, 1], self.second[:, 1, 1]
+        spread = (weighted_d2 - 2 * d * weighted_d + weights * d.square()) / weights.clamp(min=1.0)
         return self.successive / self.pairs.clamp(min=1.0) / (2 * spread)
