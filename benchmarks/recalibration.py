@@ -2,8 +2,9 @@
 
 Prints one table. For each model and input centering, every method re-estimates the BN statistics of the same
 weights from the same batches; the error is the largest relative error of any channel's running_var against a
-float64 reference captured from the BN inputs; the time is the method's median wall time divided by the median
-of a plain no-grad eval-mode forward over the same batches, all measured side by side in this run; the memory
+float64 reference captured from the BN inputs; the time is the median over repeats of the method's wall time
+divided by that of a plain no-grad eval-mode forward over the same batches in the same repeat (the methods of a
+repeat run back to back, so that a slow spell of the machine weighs on the ratio less); the memory
 is the method's peak of memory allocated by torch above a plain forward's (on CUDA the allocator's own peak,
 on the CPU the running total carried by the allocation events of torch's profiler). "bnguard tol 0.3" stops
 at the hooks' default tolerance and gives the batches it used.
@@ -12,7 +13,7 @@ Small inputs (resnet18 and the example's network at 32 px) show the fixed cost o
 (resnet50 at 224 px) the cost per batch.
 
     python benchmarks/recalibration.py [--batches 24] [--batch-size 32] [--large-batches N]
-        [--large-batch-size N] [--repeats 3] [--device cpu|cuda]
+        [--large-batch-size N] [--repeats 5] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -149,9 +150,8 @@ def measure(model_name: str, spec: tuple, repeats: int, device: str, memory: dic
         if method not in memory:
             trial = copy.deepcopy(model).train()
             memory[method] = (peak_cuda if device.startswith("cuda") else peak_cpu)(lambda: run(trial, batches))
-    forward = statistics.median(times["forward"])
     label = f"{model_name} {spec[2]} px, {'mean 0' if spec[3] == 0 else 'mean 100 std'}"
-    return [(label, m, used[m], errors[m], statistics.median(times[m]) / forward,
+    return [(label, m, used[m], errors[m], statistics.median(t / f for t, f in zip(times[m], times["forward"])),
              (memory[m] - memory["forward"]) / 2**20) for m in METHODS]
 
 
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--large-batches", type=int, default=12 if cuda else 4,
                         help="resnet50 224 px batches (default 12 on CUDA, 4 on the CPU; 0: no such rows)")
     parser.add_argument("--large-batch-size", type=int, default=128 if cuda else 16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     runs = [(name, (args.batches, args.batch_size, 32, center))
             for name in ("resnet18", "SeedNet w16") for center in (0.0, 100.0)]

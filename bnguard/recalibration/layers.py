@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -29,10 +29,10 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def on_meta_device(model: nn.Module) -> bool:
-    """Whether any parameter or buffer of the model is on the meta device (holds no data). Reads each
-    module's own tensors: a third of the time of ``model.parameters()`` and ``model.buffers()``."""
-    return any(tensor is not None and tensor.is_meta for module in model.modules()
+def on_meta_device(modules: Iterable[nn.Module]) -> bool:
+    """Whether any parameter or buffer of the ``modules`` (a model's, all of them) is on the meta device (holds
+    no data). Reads each module's own tensors: a third of the time of ``parameters()`` and ``buffers()``."""
+    return any(tensor is not None and tensor.is_meta for module in modules
                for tensors in (module._parameters, module._buffers) for tensor in tensors.values())
 
 

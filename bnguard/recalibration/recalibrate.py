@@ -20,7 +20,7 @@ from ..utils.validation import fraction, positive_int
 from .accumulator import Accumulators, merge_processes
 from .batches import Forward, batch_size, default_forward, to_device
 from .isolation import batchnorm_in_train_mode, interrupts_deferred, raise_if_interrupted
-from .layers import batchnorm_layers, is_uninitialized, on_meta_device, tracks_statistics, unwrap_model
+from .layers import is_uninitialized, on_meta_device, tracks_statistics, unwrap_model
 from .report import LayerReport, RecalibrationReport, warn_instance_norm, warn_left_out, warn_ordered
 from .stopping import END_OF_DATA, TOLERANCE_MET, ErrorBounds
 from .storing import write_statistics
@@ -102,11 +102,12 @@ def recalibrate(
     started = time.perf_counter()
     rank, world_size = process_info(accelerator)
     inner = unwrap_model(model)
-    if on_meta_device(inner):
+    named = list(inner.named_modules())  # walked once: the model's tree is read three times here
+    if on_meta_device(module for _, module in named):
         raise ValueError("the model is on the meta device (its tensors hold no data): materialize it, e.g. with "
                          "model.to_empty(device=...) and its weights loaded, before recalibrating")
-    warn_instance_norm(inner)
-    layers = list(batchnorm_layers(inner))
+    warn_instance_norm(named)
+    layers = [(name, module) for name, module in named if isinstance(module, _BatchNorm)]
     if not layers:
         warnings.warn(f"{type(inner).__name__} has no BatchNorm layer: nothing to recalibrate", stacklevel=2)
         return RecalibrationReport()

@@ -159,9 +159,9 @@ def warn_ordered(ordered: list[_BatchNorm], model: nn.Module) -> None:
                       "batches: pass a loader with shuffle=True", stacklevel=3)
 
 
-def warn_instance_norm(model: nn.Module) -> None:
-    tracking = [name for name, module in model.named_modules()
-                if isinstance(module, _InstanceNorm) and module.track_running_stats]
+def warn_instance_norm(modules: list[tuple[str, nn.Module]]) -> None:
+    """Names the InstanceNorm layers with running statistics among a model's ``named_modules()``."""
+    tracking = [name for name, module in modules if isinstance(module, _InstanceNorm) and module.track_running_stats]
     if tracking:
         warnings.warn(f"InstanceNorm layers with running statistics are not recalibrated: {', '.join(tracking)}",
                       stacklevel=3)
