@@ -4,7 +4,9 @@ Prints one table. For each model and input centering, every method re-estimates 
 weights from the same batches; the error is the largest relative error of any channel's running_var against a
 float64 reference captured from the BN inputs; the time is the median over repeats of the method's wall time
 divided by that of a plain no-grad eval-mode forward over the same batches in the same repeat (the methods of a
-repeat run back to back, so that a slow spell of the machine weighs on the ratio less); the memory
+repeat run back to back, in turn first and last, so that a slow spell of the machine weighs on the ratio
+less), and "- update_bn" the median over repeats of (the method's time - update_bn's) / the forward's, the
+gap measured pair by pair (below 0: faster than update_bn); the memory
 is the method's peak of memory allocated by torch above a plain forward's (on CUDA the allocator's own peak,
 on the CPU the running total carried by the allocation events of torch's profiler). "bnguard tol 0.3" stops
 at the hooks' default tolerance and gives the batches it used.
@@ -13,7 +15,7 @@ Small inputs (resnet18 and the example's network at 32 px) show the fixed cost o
 (resnet50 at 224 px) the cost per batch.
 
     python benchmarks/recalibration.py [--batches 24] [--batch-size 32] [--large-batches N]
-        [--large-batch-size N] [--repeats 5] [--device cpu|cuda]
+        [--large-batch-size N] [--small-repeats 15] [--repeats 5] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -135,8 +137,8 @@ def measure(model_name: str, spec: tuple, repeats: int, device: str, memory: dic
     ref = reference(model, batches)
     times: dict[str, list[float]] = {m: [] for m in ["forward", *METHODS]}
     errors, used = {}, {}
-    for _ in range(repeats):  # interleaved, so that machine noise hits every method alike
-        for method in times:
+    for repeat in range(repeats):  # interleaved, so that machine noise hits every method alike
+        for method in list(times)[::1 if repeat % 2 else -1]:  # and in turn first and last
             trial = copy.deepcopy(model).train()
             synchronize(device)
             start = time.perf_counter()
@@ -151,7 +153,13 @@ def measure(model_name: str, spec: tuple, repeats: int, device: str, memory: dic
             trial = copy.deepcopy(model).train()
             memory[method] = (peak_cuda if device.startswith("cuda") else peak_cpu)(lambda: run(trial, batches))
     label = f"{model_name} {spec[2]} px, {'mean 0' if spec[3] == 0 else 'mean 100 std'}"
-    return [(label, m, used[m], errors[m], statistics.median(t / f for t, f in zip(times[m], times["forward"])),
+
+    def per_forward(method: str, minus: str | None = None) -> float:
+        """The median over repeats of the method's time (less ``minus``'s in the same repeat) over the forward's."""
+        less = times[minus] if minus else [0.0] * repeats
+        return statistics.median((t - o) / f for t, o, f in zip(times[method], less, times["forward"]))
+
+    return [(label, m, used[m], errors[m], per_forward(m), per_forward(m, "torch update_bn"),
              (memory[m] - memory["forward"]) / 2**20) for m in METHODS]
 
 
@@ -164,23 +172,25 @@ def main() -> None:
     parser.add_argument("--large-batches", type=int, default=12 if cuda else 4,
                         help="resnet50 224 px batches (default 12 on CUDA, 4 on the CPU; 0: no such rows)")
     parser.add_argument("--large-batch-size", type=int, default=128 if cuda else 16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="of the 224 px rows")
+    parser.add_argument("--small-repeats", type=int, default=15, help="of the 32 px rows")
     args = parser.parse_args()
     runs = [(name, (args.batches, args.batch_size, 32, center))
             for name in ("resnet18", "SeedNet w16") for center in (0.0, 100.0)]
     if args.large_batches:
         runs.append(("resnet50", (args.large_batches, args.large_batch_size, 224, 0.0)))
     memory: dict[str, dict[str, int]] = {name: {} for name in MODELS}
-    rows = [row for name, spec in runs for row in measure(name, spec, args.repeats, args.device, memory[name])]
+    rows = [row for name, spec in runs for row in measure(
+        name, spec, args.repeats if spec[2] == 224 else args.small_repeats, args.device, memory[name])]
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"CPU, {torch.get_num_threads()} threads")
     print(f"{args.batches} batches of {args.batch_size} at 32 px, {args.large_batches} of {args.large_batch_size} "
-          f"at 224 px, on {device}, median of {args.repeats}, torch {torch.__version__}")
+          f"at 224 px, on {device}, median of {args.small_repeats} and {args.repeats}, torch {torch.__version__}")
     print(f"| {'model, inputs':<36} | {'method':<22} | {'batches':>7} | {'max rel. var error':>18} | "
-          f"{'time / forward':>14} | {'extra memory':>12} |")
-    print(f"|{'-' * 38}|{'-' * 24}|{'-' * 9}|{'-' * 20}|{'-' * 16}|{'-' * 14}|")
-    for label, method, used, error, ratio, extra in rows:
-        print(f"| {label:<36} | {method:<22} | {used:>7} | {error:>18.2e} | {ratio:>14.2f} | "
+          f"{'time / forward':>14} | {'- update_bn':>11} | {'extra memory':>12} |")
+    print(f"|{'-' * 38}|{'-' * 24}|{'-' * 9}|{'-' * 20}|{'-' * 16}|{'-' * 13}|{'-' * 14}|")
+    for label, method, used, error, ratio, behind, extra in rows:
+        print(f"| {label:<36} | {method:<22} | {used:>7} | {error:>18.2e} | {ratio:>14.2f} | {behind:>+11.3f} | "
               f"{extra:>8.1f} MiB |")
 
 
