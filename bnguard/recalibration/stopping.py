@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -92,35 +93,49 @@ class ErrorBounds:
                 if batches >= ORDERED_MIN_BATCHES and total / channels < ORDERED_BELOW]
 
 
-def _scales(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each estimate's standard deviation (0 where unknown), whether it takes part (an estimate without
-    spread is exact and does not), the same with 1 where it does not, and the layers with an unknown one."""
+class _Estimates(NamedTuple):
+    """The estimates that take part (a finite, nonzero standard deviation sigma; one without spread is exact),
+    each one's layer and 1 / (sigma sqrt 2); per layer, whether one of its estimates is unknown (infinite), the
+    largest sigma and how many estimates it has in all."""
+
+    layer: torch.Tensor
+    inverse: torch.Tensor
+    unknown: torch.Tensor
+    top: torch.Tensor
+    counts: list[int]
+
+
+def _estimates(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor) -> _Estimates:
+    layers = widening.numel()
     scale = errors * widening[index]
     finite = torch.isfinite(scale)
-    unknown = torch.zeros(widening.numel(), dtype=torch.bool).index_put_((index,), ~finite, accumulate=True)
-    scale = torch.where(finite, scale, 0.0)
-    live = scale > 0
-    return scale, live, torch.where(live, scale, 1.0), unknown
+    unknown = torch.zeros(layers, dtype=torch.bool).index_put_((index,), ~finite, accumulate=True)
+    live = finite & (scale > 0)
+    scale, layer = scale[live], index[live]  # left out once here, not masked at every step of the root
+    top = torch.zeros(layers, dtype=torch.float64).scatter_reduce(0, layer, scale, "amax", include_self=False)
+    return _Estimates(layer, 1 / (scale * math.sqrt(2)), unknown, top, torch.bincount(index, minlength=layers).tolist())
 
 
-def _shortfall(bound: torch.Tensor, index: torch.Tensor, live: torch.Tensor, safe: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """G(B) = -sum_k log P(|e_k| <= B) per layer at the per-layer ``bound``, with each estimate's x = B /
-    sigma_k and tail P(|Z| > x)."""
-    x = torch.where(live, bound[index] / safe, torch.inf)
-    tail = 2 * torch.special.ndtr(-x)
-    total = torch.zeros(bound.numel(), dtype=torch.float64).index_add_(0, index, -torch.log1p(-tail))
-    return total, x, tail
+def _shortfall(bound: torch.Tensor, estimates: _Estimates, slope: bool = False) -> tuple[torch.Tensor, ...]:
+    """G(B) = -sum_k log P(|e_k| <= B) per layer at the per-layer ``bound``, and with ``slope`` -G'(B): with
+    x = B / (sigma sqrt 2), P(|e_k| > B) = erfc(x), whose derivative is -2 / sqrt(pi) exp(-x^2) / (sigma sqrt 2)."""
+    x = bound[estimates.layer] * estimates.inverse
+    tail = torch.special.erfc(x)
+    terms = [-torch.log1p(-tail)]
+    if slope:
+        terms.append(torch.exp(-x.square()) * estimates.inverse * (2 / math.sqrt(math.pi)) / (1 - tail))
+    sums = torch.zeros(bound.numel(), len(terms), dtype=torch.float64).index_add_(
+        0, estimates.layer, torch.stack(terms, dim=1))
+    return sums.unbind(dim=1)
 
 
 def joint_coverage_at(tolerance: float, errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor
                       ) -> torch.Tensor:
     """Per layer, whether its joint bound (:func:`joint_bounds`) is within ``tolerance``: G decreases, so
     that is G(tolerance) <= -log 95%, one evaluation instead of a root."""
-    _, live, safe, unknown = _scales(errors, index, widening)
-    total, _, _ = _shortfall(torch.full(widening.shape, tolerance, dtype=torch.float64), index, live, safe)
-    return ~unknown & (total <= -math.log(CONFIDENCE))
+    estimates = _estimates(errors, index, widening)
+    (total,) = _shortfall(torch.full(widening.shape, tolerance, dtype=torch.float64), estimates)
+    return ~estimates.unknown & (total <= -math.log(CONFIDENCE))
 
 
 def joint_bounds(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor) -> torch.Tensor:
@@ -132,17 +147,13 @@ def joint_bounds(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tens
     the largest estimate alone and Sidak's bound (all estimates as large as the largest); Newton's method on
     log G, nearly linear near the root where G itself falls like a Gaussian tail, falls back to bisection
     whenever it would leave the bracket."""
-    layers = widening.numel()
-    scale, live, safe, unknown = _scales(errors, index, widening)
-    top = torch.zeros(layers, dtype=torch.float64).scatter_reduce(0, index, scale, "amax", include_self=False)
-    estimates = torch.bincount(index, minlength=layers).tolist()
+    estimates = _estimates(errors, index, widening)
+    top = estimates.top
     low = sidak_quantile(1) * top
-    high = torch.tensor([sidak_quantile(k) if k else 0.0 for k in estimates], dtype=torch.float64) * top
+    high = torch.tensor([sidak_quantile(k) if k else 0.0 for k in estimates.counts], dtype=torch.float64) * top
     target, bound = -math.log(CONFIDENCE), high
     for _ in range(MAX_STEPS):
-        total, x, tail = _shortfall(bound, index, live, safe)
-        density = torch.where(live, 2 * torch.exp(-x.square() / 2) / math.sqrt(2 * math.pi), 0.0)
-        slope = torch.zeros(layers, dtype=torch.float64).index_add_(0, index, density / (safe * (1 - tail)))
+        total, slope = _shortfall(bound, estimates, slope=True)
         covered = total <= target
         high, low = torch.where(covered, bound, high), torch.where(covered, low, bound)
         newton = bound + (total.log() - math.log(target)) * total / slope  # -G / G' = total / slope
@@ -151,4 +162,4 @@ def joint_bounds(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tens
         bound = bound + step
         if bool((step.abs() <= 1e-10 * bound).all()):
             break
-    return torch.where(unknown, torch.inf, torch.where(top > 0, bound, 0.0))
+    return torch.where(estimates.unknown, torch.inf, torch.where(top > 0, bound, 0.0))

@@ -120,28 +120,32 @@ class BatchSums:
         parts = vector.split([shape.numel() for shape in shapes])
         return cls(*(part.reshape(shape) for part, shape in zip(parts, shapes)))
 
+    def _centered(self) -> tuple[torch.Tensor, ...]:
+        """The pooled features D and R (F = S1 / N = (1, D, R)) and the entries 11, 12, 22 of
+        sum n_b^2 (f_b - F)(f_b - F)^T = S2 - F S2_0^T - S2_0 F^T + S2_00 F F^T, one channel per entry."""
+        d, r = (self.first[:, 1:] / self.first[:, :1].clamp(min=1.0)).unbind(dim=1)
+        s = self.second
+        weights, with_d, with_r = s[:, 0, 0], s[:, 0, 1], s[:, 0, 2]
+        dd = s[:, 1, 1] - 2 * d * with_d + weights * d.square()
+        dr = s[:, 1, 2] - d * with_r - r * with_d + weights * d * r
+        rr = s[:, 2, 2] - 2 * r * with_r + weights * r.square()
+        return d, r, dd, dr, rr
+
     def relative_errors(self, eps: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the standard errors of the pooled mean over sqrt(V + eps) and of the pooled variance
         over V + eps. Infinite below two batches."""
         n, b = self.first[:, 0], self.batches
-        # The pooled features F = S1 / N = (1, D, R) and sum n_b^2 (f_b - F)(f_b - F)^T.
-        moments = self.first / n.clamp(min=1.0)[:, None]
-        outer = moments[:, :, None] * self.second[:, None, :, 0]
-        centered = (self.second - outer - outer.transpose(1, 2)
-                    + self.second[:, :1, :1] * moments[:, :, None] * moments[:, None, :])
-        d = moments[:, 1]
-        variance = (moments[:, 2] - d.square()).clamp(min=0.0) * n / (n - 1.0).clamp(min=1.0)
-        influence = torch.stack([torch.zeros_like(d), -2 * d, torch.ones_like(d)], dim=-1)  # of q_b, per f_b
+        d, r, dd, dr, rr = self._centered()
+        variance = (r - d.square()).clamp(min=0.0) * n / (n - 1.0).clamp(min=1.0)
         scale = b / (b - 1.0).clamp(min=1.0) / n.clamp(min=1.0).square()
-        var_of_mean = (centered[:, 1, 1] * scale).clamp(min=0.0)
-        var_of_var = (torch.einsum("ck,ckl,cl->c", influence, centered, influence) * scale).clamp(min=0.0)
+        var_of_mean = (dd * scale).clamp(min=0.0)
+        # q_b = r_b - 2 D d_b + D^2 moves with f_b along (0, -2D, 1).
+        var_of_var = ((4 * d.square() * dd - 4 * d * dr + rr) * scale).clamp(min=0.0)
         of_mean = torch.where(b > 1, var_of_mean.sqrt() / (variance + eps).sqrt(), torch.inf)
         return of_mean, torch.where(b > 1, var_of_var.sqrt() / (variance + eps), torch.inf)
 
     def order_ratio(self) -> torch.Tensor:
         """Per channel, the mean squared difference of consecutive batch means over twice their variance:
         about 1 for batches in random order, near 0 when each batch resembles the one before."""
-        d = self.first[:, 1] / self.first[:, 0].clamp(min=1.0)
-        weights, weighted_d, weighted_d2 = self.second[:, 0, 0], self.second[:, 0, 1], self.second[:, 1, 1]
-        spread = (weighted_d2 - 2 * d * weighted_d + weights * d.square()) / weights.clamp(min=1.0)
+        spread = self._centered()[2] / self.second[:, 0, 0].clamp(min=1.0)
         return self.successive / self.pairs.clamp(min=1.0) / (2 * spread)
