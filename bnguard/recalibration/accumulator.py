@@ -118,8 +118,9 @@ class Accumulators:
         self.widths = [layer_channels(layer) for layer in layers]  # channels of each layer
         self.bounds = [0, *itertools.accumulate(self.widths)]
         channels = self.bounds[-1]
-        self.host_index = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(self.widths))  # layer of
-        self.index = self.host_index.to(self.device)  # each channel
+        # Each channel's layer.
+        self.host_index = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(self.widths))
+        self.index = self.host_index.to(self.device)
         self.eps = torch.tensor([layer.eps for layer in layers], dtype=torch.float64, device=self.device)[self.index]
         # Layers alike in dtype and device write into columns of one shared tensor: pooled as they are.
         self.shared = all(layer.running_mean.dtype == buffer.dtype and layer.running_mean.device == self.device
