@@ -95,14 +95,13 @@ class ErrorBounds:
 
 class _Estimates(NamedTuple):
     """The estimates that take part (a finite, nonzero standard deviation sigma; one without spread is exact),
-    each one's layer and 1 / (sigma sqrt 2); per layer, whether one of its estimates is unknown (infinite), the
-    largest sigma and how many estimates it has in all."""
+    each one's layer and 1 / (sigma sqrt 2); per layer, whether one of its estimates is unknown (infinite) and
+    the largest sigma."""
 
     layer: torch.Tensor
     inverse: torch.Tensor
     unknown: torch.Tensor
     top: torch.Tensor
-    counts: list[int]
 
 
 def _estimates(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor) -> _Estimates:
@@ -113,7 +112,7 @@ def _estimates(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tensor
     live = finite & (scale > 0)
     scale, layer = scale[live], index[live]  # left out once here, not masked at every step of the root
     top = torch.zeros(layers, dtype=torch.float64).scatter_reduce(0, layer, scale, "amax", include_self=False)
-    return _Estimates(layer, 1 / (scale * math.sqrt(2)), unknown, top, torch.bincount(index, minlength=layers).tolist())
+    return _Estimates(layer, 1 / (scale * math.sqrt(2)), unknown, top)
 
 
 def _shortfall(bound: torch.Tensor, estimates: _Estimates, slope: bool = False) -> tuple[torch.Tensor, ...]:
@@ -150,7 +149,8 @@ def joint_bounds(errors: torch.Tensor, index: torch.Tensor, widening: torch.Tens
     estimates = _estimates(errors, index, widening)
     top = estimates.top
     low = sidak_quantile(1) * top
-    high = torch.tensor([sidak_quantile(k) if k else 0.0 for k in estimates.counts], dtype=torch.float64) * top
+    counts = torch.bincount(index, minlength=widening.numel()).tolist()  # every estimate of a layer, exact ones too
+    high = torch.tensor([sidak_quantile(k) if k else 0.0 for k in counts], dtype=torch.float64) * top
     target, bound = -math.log(CONFIDENCE), high
     for _ in range(MAX_STEPS):
         total, slope = _shortfall(bound, estimates, slope=True)
