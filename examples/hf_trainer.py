@@ -2,7 +2,7 @@
 
     python examples/hf_trainer.py                                   # offline, about a minute on 2 CPU cores
     python examples/hf_trainer.py --bnguard off                     # the Trainer alone, for comparison
-    torchrun --nproc_per_node 2 examples/hf_trainer.py              # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --cpu        # 2 CPU processes (gloo)
 
 The Trainer keeps the best checkpoint by eval_loss (metric_for_best_model): with bnguard, the recalibrated
 eval_loss. Leaves in --output-dir: the checkpoints (each with bnguard's hook state), and the W&B run (offline
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=2, help="seed for the split, the weights and the data order")
     p.add_argument("--wandb", choices=["offline", "online", "off"], default="offline",
                    help="W&B run mode (default offline: no account needed)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU where there is a GPU too")
     p.add_argument("--output-dir", default="runs/hf", help="where outputs go (default runs/hf)")
     return p.parse_args(argv)
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> transformers.Trainer:
         output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=256, learning_rate=args.lr, lr_scheduler_type="constant", seed=args.seed,
         eval_strategy="epoch", logging_strategy="epoch", save_strategy="epoch", save_total_limit=2,
-        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False, use_cpu=True,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False, use_cpu=args.cpu,
         report_to="wandb" if args.wandb != "off" else "none", disable_tqdm=True)
     trainer = transformers.Trainer(model=build_model(classes, args.bn_momentum, args.seed), args=settings,
                                    train_dataset=AsDicts(train_set), eval_dataset=AsDicts(eval_set),

@@ -2,7 +2,7 @@
 
     python examples/lightning_train.py                 # digits, offline, about 1 minute on 2 CPU cores
     python examples/lightning_train.py --compare       # without and with bnguard, same seed, one plot
-    python examples/lightning_train.py --devices 2     # DDP on 2 CPU processes (Lightning starts the second)
+    python examples/lightning_train.py --accelerator cpu --devices 2   # DDP on 2 CPU processes
 
 ModelCheckpoint keeps the best epoch by val_acc: with bnguard, the recalibrated val_acc. Leaves in
 --output-dir: accuracy.png, the checkpoints, and the W&B run (offline by default; the `wandb sync` command is
@@ -72,7 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bn-momentum", type=float, default=0.01, help="BatchNorm momentum (default 0.01)")
     p.add_argument("--width", type=int, default=16, help="SeedNet's first-stage width (default 16)")
     p.add_argument("--seed", type=int, default=2, help="seed for the split, the weights and the data order")
-    p.add_argument("--devices", type=int, default=1, help="CPU processes; more than 1 runs DDP (default 1)")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="Lightning's accelerator (default auto: a GPU where there is one)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="processes, one per device; more than 1 runs DDP, which Lightning starts (default 1)")
     p.add_argument("--wandb", choices=["offline", "online", "off"], default="offline",
                    help="W&B run mode (default offline: no account needed)")
     p.add_argument("--output-dir", default="runs/lightning", help="where outputs go (default runs/lightning)")
@@ -95,7 +98,7 @@ def train(args, mode: str, data, output_dir: Path) -> tuple[list[dict], float, b
     best = ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor="val_acc", mode="max")
     logger = WandbLogger(project="bnguard-lightning", name=f"{output_dir.name}-{mode}", save_dir=str(output_dir),
                          offline=args.wandb == "offline") if args.wandb != "off" else False
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices,
                          strategy="ddp" if args.devices > 1 else "auto", callbacks=[guard, best], logger=logger,
                          default_root_dir=output_dir, num_sanity_val_steps=0, enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=10)
