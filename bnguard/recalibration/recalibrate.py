@@ -124,12 +124,13 @@ def recalibrate(
                           "recalibrated", stacklevel=2)
         return RecalibrationReport([LayerReport(name=name, skipped=reasons[name]) for name, _ in layers])
 
-    accumulators = Accumulators(chosen)
+    batch_budget = split_budget(num_batches, rank, world_size)
+    expected = _expected_batches(batches, batch_budget)
+    accumulators = Accumulators(chosen, expected)
     device = accumulators.device
     if forward is None:
         forward = lambda module, batch: _forward_naming_keys(module, to_device(batch, device))  # noqa: E731
-    batch_budget = split_budget(num_batches, rank, world_size)
-    bar = tqdm(desc="recalibrating BatchNorm", unit="batch", total=_expected_batches(batches, batch_budget),
+    bar = tqdm(desc="recalibrating BatchNorm", unit="batch", total=expected,
                disable=not show_progress(progress, rank == 0), leave=False)
     bounds = ErrorBounds(accumulators, world_size, tolerance)
     with bar, _passes(inner, accumulators, keep_modes), torch.no_grad():

@@ -113,7 +113,9 @@ def test_a_layer_called_twice_pools_both_calls():
     assert report.layers[0].batches == 2 and report.layers[0].samples == 32
 
 
-def test_layers_of_different_dtypes_and_call_counts_pool_exactly_past_a_chunk():
+# 70 batches: past a chunk of 64 rows; 5: a chunk sized to the 5 batches, which the second layer fills twice
+@pytest.mark.parametrize("count", [70, 5])
+def test_layers_of_different_dtypes_and_call_counts_pool_exactly_past_a_chunk(count):
     class Mixed(nn.Module):  # a float32 layer called once per batch, a float64 one twice
         def __init__(self):
             super().__init__()
@@ -126,7 +128,7 @@ def test_layers_of_different_dtypes_and_call_counts_pool_exactly_past_a_chunk():
 
     torch.manual_seed(0)
     model = Mixed().eval()
-    batches = [torch.randn(3, 3) * 4 + 1 for _ in range(70)]  # 140 calls of the second layer: several chunks
+    batches = [torch.randn(3, 3) * 4 + 1 for _ in range(count)]  # the second layer: 2 * count calls
     reference = reference_statistics(model, batches)
     report = bnguard.recalibrate(model, batches, progress=False)
     assert model.second.running_var.dtype == torch.float64
@@ -134,8 +136,8 @@ def test_layers_of_different_dtypes_and_call_counts_pool_exactly_past_a_chunk():
     mean, var = reference["second"]
     torch.testing.assert_close(model.second.running_mean, mean, rtol=0, atol=1e-12)  # float64 all the way
     torch.testing.assert_close(model.second.running_var, var, rtol=1e-12, atol=0)
-    assert [layer.batches for layer in report.layers] == [70, 140]
-    assert model.second.num_batches_tracked.item() == 140
+    assert [layer.batches for layer in report.layers] == [count, 2 * count]
+    assert model.second.num_batches_tracked.item() == 2 * count
 
 
 def test_batch_shapes_and_custom_forward():
