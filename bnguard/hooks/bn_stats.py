@@ -210,10 +210,9 @@ class BNStatsLogger(Hook):
             self._log(state)
 
     def on_eval_end(self, state: State) -> None:
-        if self.on_eval:
-            self._log(state)
+        logged = self._log(state) if self.on_eval else None
         self._publish(state, layers=self.overview is not None and due(self.overview.layer_rounds.rounds, NEVER),
-                      files=True)
+                      files=True, stats=logged)
 
     def on_epoch_end(self, state: State) -> None:
         if self.overview is None or not state.is_main_process:
@@ -256,18 +255,21 @@ class BNStatsLogger(Hook):
     def on_exception(self, state: State) -> None:
         self._stop_capturing()
 
-    def _log(self, state: State) -> None:
-        if self._logged_step != state.step:  # the same statistics at the same step are logged once
-            self._logged_step = state.step
-            stats = log_bn_stats(state.model, state.step, bins=self.bins, include_affine=self.include_affine,
-                                 trackers=state.trackers)
-            if self.overview is not None and stats:
-                self.overview.add_layer_statistics(state.step, stats)
+    def _log(self, state: State) -> dict[str, Any] | None:
+        """Logs the statistics and returns them; None where this step's were logged already (once a step)."""
+        if self._logged_step == state.step:
+            return None
+        self._logged_step = state.step
+        stats = log_bn_stats(state.model, state.step, bins=self.bins, include_affine=self.include_affine,
+                             trackers=state.trackers)
+        if self.overview is not None and stats:
+            self.overview.add_layer_statistics(state.step, stats)
+        return stats
 
     def _publish(self, state: State, *, accuracy: bool = False, layers: bool = False, staleness: bool = False,
-                 files: bool = False) -> None:
+                 files: bool = False, stats: dict[str, Any] | None = None) -> None:
         """The overview: charts to W&B, the heatmap to every tracker that shows images, the files to MLflow
-        (main process only)."""
+        (main process only), from ``stats`` where the statistics were just computed."""
         trackers, overview = state.trackers, self.overview
         if overview is None or not trackers.is_main_process:
             return
@@ -277,7 +279,8 @@ class BNStatsLogger(Hook):
             for name, chart in charts.items():
                 trackers.log_chart(f"{SECTION}/{name}", chart, state.step)
         if files and trackers.mlflow_run_id() is not None:  # MLflow's latest picture, at every evaluation
-            trackers.keep_files(self._snapshots.files(bn_statistics(state.model, self.bins), overview))
+            stats = stats if stats is not None else bn_statistics(state.model, self.bins)
+            trackers.keep_files(self._snapshots.files(stats, overview))
         if staleness and trackers.draws_images() and (image := overview.staleness_image()) is not None:
             trackers.log_image(f"{SECTION}/staleness", image, state.step)
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 import bnguard
 from bnguard.drivers.tracker_setup import RUN_ID_FILES
+from bnguard.hooks import bn_stats
 from helpers import tiny_resnet, toy_data, toy_loop
 
 
@@ -118,6 +119,26 @@ def test_mlflow_holds_the_statistics_pictures_and_records_in_the_accelerators_ru
         b"\x89PNG"
     images = [f.path for f in client.list_artifacts(run_id, "images")]
     assert any("at-a-glance~staleness+step+6" in path for path in images)  # the heatmap by step as well
+
+
+def test_an_evaluation_computes_the_statistics_once_for_the_histograms_and_mlflows_layer_table(
+        tmp_path, mlflow_store, monkeypatch):
+    computed = []
+    real = bn_stats.bn_statistics
+    monkeypatch.setattr(bn_stats, "bn_statistics", lambda *args, **kwargs: computed.append(1) or real(*args, **kwargs))
+    loop = toy_loop(tmp_path / "run", hooks=[bnguard.BNStatsLogger(every_n_steps=1000)], epochs=2, tracker="mlflow",
+                    project="toys")
+    loop.fit()
+    assert len(computed) == 2  # one per evaluation: the layer table takes the histograms' (it made its own)
+    (experiment,) = [e for e in mlflow_store.search_experiments() if e.name == "toys"]
+    (run,) = mlflow_store.search_runs([experiment.experiment_id])
+    table = list(csv.DictReader(io.StringIO(Path(mlflow_store.download_artifacts(
+        run.info.run_id, "at-a-glance/layers.csv", str(tmp_path))).read_text())))
+    layers = batchnorm(loop.accelerator.unwrap_model(loop.model))
+    assert [row["layer"] for row in table] == list(layers)
+    for row, layer in zip(table, layers.values()):
+        assert float(row["running_var_max"]) == layer.running_var.double().max().item()
+        assert float(row["running_mean_min"]) == layer.running_mean.double().min().item()
 
 
 def test_a_resumed_run_continues_the_mlflow_run_it_started(tmp_path, mlflow_store):
