@@ -67,6 +67,12 @@ def history(client, run_id, key):
                                               key=lambda m: (m.step, m.timestamp))]
 
 
+def layer_table(client, run_id, folder):
+    """The rows of the run's at-a-glance layer table, as MLflow keeps it."""
+    path = client.download_artifacts(run_id, "at-a-glance/layers.csv", str(folder))
+    return list(csv.DictReader(io.StringIO(Path(path).read_text())))
+
+
 def batchnorm(model):
     return {name: layer for name, layer in model.named_modules() if isinstance(layer, torch.nn.BatchNorm2d)}
 
@@ -109,8 +115,7 @@ def test_mlflow_holds_the_statistics_pictures_and_records_in_the_accelerators_ru
     if rows[-1]["AutoRecalibrate/diagnosis"] is not None:
         assert tags["bnguard/AutoRecalibrate/diagnosis"] == rows[-1]["AutoRecalibrate/diagnosis"]
 
-    table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(
-        run_id, "at-a-glance/layers.csv", str(tmp_path))).read_text())))
+    table = layer_table(client, run_id, tmp_path)
     assert [row["layer"] for row in table] == list(layers)
     for row, layer in zip(table, layers.values()):
         assert float(row["running_var_max"]) == layer.running_var.double().max().item()
@@ -132,8 +137,7 @@ def test_an_evaluation_computes_the_statistics_once_for_the_histograms_and_mlflo
     assert len(computed) == 2  # one per evaluation: the layer table takes the histograms' (it made its own)
     (experiment,) = [e for e in mlflow_store.search_experiments() if e.name == "toys"]
     (run,) = mlflow_store.search_runs([experiment.experiment_id])
-    table = list(csv.DictReader(io.StringIO(Path(mlflow_store.download_artifacts(
-        run.info.run_id, "at-a-glance/layers.csv", str(tmp_path))).read_text())))
+    table = layer_table(mlflow_store, run.info.run_id, tmp_path)
     layers = batchnorm(loop.accelerator.unwrap_model(loop.model))
     assert [row["layer"] for row in table] == list(layers)
     for row, layer in zip(table, layers.values()):
